@@ -1,0 +1,169 @@
+"""zoo.hub: registry, loading from folders and the (offline) Hub cache, export, cards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import zoo
+import zoo.hub as hub
+
+
+def test_registry_names_and_official_repos():
+    assert hub.list_models() == ["osdiffvsr", "stream_diffvsr", "osdenhancer", "pssr"]
+    assert hub.REGISTRY["stream_diffvsr"].repo_id == "Jamichsu/Stream-DiffVSR"
+    assert hub.REGISTRY["osdenhancer"].repo_id == "W-Shuoyan/OSDEnhancer"
+    assert hub.REGISTRY["osdiffvsr"].repo_id is None and hub.REGISTRY["pssr"].repo_id is None
+    for cfg in hub.REGISTRY.values():
+        assert cfg.base_models and cfg.license == "apache-2.0"
+        assert cfg.upscaler.count(":") == 1 and cfg.module.count(":") == 1
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'nope'; choose one of osdiffvsr, stream_diffvsr"):
+        zoo.load("nope")
+
+
+def test_unimplemented_paper_raises_not_implemented(monkeypatch):
+    cfg = hub.PretrainedCfg(paper="Future-VSR", paradigm="", upscaler="zoo.future_vsr.pipeline:X",
+                            module="zoo.future_vsr.module:Y", recipe="recipes/future.yaml", repo_id=None)
+    monkeypatch.setitem(hub.REGISTRY, "future", cfg)
+    with pytest.raises(NotImplementedError, match="^Future-VSR is not implemented in this zoo yet$"):
+        hub.load("future", pretrained=False)
+    assert not hub.is_implemented("future")
+
+
+def test_random_init_variants(toy):
+    tiny = hub.load("toy", pretrained=False, variant="tiny")
+    full = hub.load("toy", pretrained=False, variant="full")
+    assert isinstance(tiny, toy.ToyUpscaler) and not tiny.training
+    assert tiny.body[0].out_channels == 4 and full.body[0].out_channels == 16
+    with pytest.raises(ValueError, match="variant must be 'tiny' or 'full', got 'huge'"):
+        hub.load("toy", pretrained=False, variant="huge")
+
+
+def test_unpublished_weights_name_the_recipe(toy):
+    with pytest.raises(hub.WeightsUnavailableError, match=r"no pretrained Toy weights .* `lightning fit -c recipes/toy.yaml`"):
+        hub.load("toy")
+
+
+def test_export_folder_round_trip(toy, tmp_path):
+    model = hub.load("toy", pretrained=False, variant="tiny")
+    folder = hub.export(model, tmp_path / "export", repo_id="org/toy")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((folder / "config.json").read_text()) == {
+        "hub_name": "toy", "config": {"channels": 4, "kernel": [3, 3]}}
+    assert "Toy `toy` at org/toy" in (folder / "README.md").read_text()
+    loaded = hub.load("toy", weights=folder)
+    assert loaded.config == model.config  # tuples come back as tuples
+    frames = torch.rand(2, 3, 8, 12)
+    assert torch.equal(loaded(frames), model(frames))
+
+
+def test_load_from_offline_hub_cache(toy, tmp_path, hub_cache):
+    model = hub.load("toy", pretrained=False, variant="full")
+    hub_cache(hub.export(model, tmp_path / "export"), "org/toy")
+    frames = torch.rand(1, 3, 8, 8)
+    assert torch.equal(hub.load("toy", weights="org/toy")(frames), model(frames))
+
+
+def test_pretrained_from_registry_checks_sha256(toy, tmp_path, hub_cache, monkeypatch):
+    import hashlib
+    import dataclasses
+
+    model = hub.load("toy", pretrained=False, variant="full")
+    snapshot = hub_cache(hub.export(model, tmp_path / "export"), "org/toy-weights")
+    digest = hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
+    cfg = dataclasses.replace(hub.REGISTRY["toy"], repo_id="org/toy-weights", sha256={"model.safetensors": digest})
+    monkeypatch.setitem(hub.REGISTRY, "toy", cfg)
+    frames = torch.rand(1, 3, 8, 8)
+    assert torch.equal(hub.load("toy")(frames), model(frames))
+    bad = dataclasses.replace(cfg, sha256={"model.safetensors": "0" * 64})
+    monkeypatch.setitem(hub.REGISTRY, "toy", bad)
+    with pytest.raises(hub.WeightsUnavailableError, match="has sha256 .*, expected 0000"):
+        hub.load("toy")
+
+
+def test_missing_download_offline_is_one_clear_sentence(toy):
+    with pytest.raises(hub.WeightsUnavailableError) as info:
+        hub.load("toy", weights="org/not-cached")
+    message = str(info.value)
+    assert "'org/not-cached'" in message and "HF_HUB_OFFLINE" in message and "weights=PATH" in message
+    assert "\n" not in message
+
+
+def test_weights_that_are_neither_folder_nor_repo(toy, tmp_path):
+    with pytest.raises(hub.WeightsUnavailableError, match="neither a folder nor a Hub repo id"):
+        hub.load("toy", weights=str(tmp_path / "a" / "b" / "c"))
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(hub.WeightsUnavailableError, match="neither a folder nor a Hub repo id"):
+        hub.load("toy", weights=tmp_path / "file.bin")
+
+
+def test_folder_for_another_model_is_rejected(toy, tmp_path):
+    folder = hub.load("toy", pretrained=False, variant="tiny").save_pretrained(tmp_path / "w")
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "hub_name": "pssr"}))
+    with pytest.raises(ValueError, match="holds weights for 'pssr', not 'toy'"):
+        hub.load("toy", weights=folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        hub.load("toy", weights=folder)
+
+
+def test_export_lightning_checkpoint(toy, tmp_path):
+    import lightning.pytorch as pl
+
+    module = toy.ToyModule(channels=3)
+    lr, hr = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 16, 16)
+    loader = torch.utils.data.DataLoader(list(zip(lr, hr)), batch_size=2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, loader)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    folder = hub.export_checkpoint(ckpt, tmp_path / "hub")
+    loaded = hub.load("toy", weights=folder)
+    assert loaded.config.channels == 3
+    assert torch.equal(loaded(lr), module.eval().to_upscaler()(lr))
+
+
+def test_export_rejects_foreign_or_missing_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hub.export_checkpoint(tmp_path / "none.ckpt", tmp_path / "out")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not written by a vsr-zoo LightningModule"):
+        hub.export_checkpoint(tmp_path / "plain.ckpt", tmp_path / "out")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable Lightning checkpoint"):
+        hub.export_checkpoint(tmp_path / "junk.ckpt", tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", hub.list_models())
+def test_every_model_card_renders_and_validates(name):
+    card = hub.render_card(name)
+    hub.validate_card(card)
+    data = card.data.to_dict()
+    expected = list(hub.REGISTRY[name].base_models)
+    assert (data["base_model"] if isinstance(data["base_model"], list) else [data["base_model"]]) == expected
+    assert data["license"] == hub.REGISTRY[name].license
+    assert "{{" not in card.text and "}}" not in card.text
+
+
+def test_validate_card_rejects_bad_metadata_and_order():
+    from huggingface_hub import ModelCard
+
+    good = str(hub.render_card("pssr"))
+    hub.validate_card(ModelCard(good))
+    without_metrics = ModelCard(good.replace("metrics:\n", "unused:\n", 1))
+    with pytest.raises(ValueError, match="metadata lacks metrics"):
+        hub.validate_card(without_metrics)
+    swapped = good.replace("## Uses", "## TEMP").replace("## Evaluation", "## Uses").replace("## TEMP", "## Evaluation")
+    with pytest.raises(ValueError, match="sections must follow the order"):
+        hub.validate_card(ModelCard(swapped))
+    with pytest.raises(ValueError, match="lacks the section '## Citation'"):
+        hub.validate_card(ModelCard(good.replace("## Citation", "## References")))
+    with pytest.raises(ValueError, match="library_name must be 'vsr-zoo'"):
+        hub.validate_card(ModelCard(good.replace("library_name: vsr-zoo", "library_name: diffusers")))

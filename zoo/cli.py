@@ -1,0 +1,255 @@
+"""Command-line entry points.
+
+- `lightning fit|validate|test|predict -c recipes/<name>.yaml`: a `LightningCLI` over every zoo
+  LightningModule and DataModule (subclass mode: the recipe names them by `class_path`).
+- `zoo ...`: tools (`zoo hub ...`); `zoo fit ...` (and `python -m zoo fit ...`) is `lightning fit ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from zoo.assets import asset_dir
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CONFIG_FLAGS = ("-c", "--config")
+
+
+def packaged_recipe(path: str) -> str:
+    """`recipes/<x>.yaml` as given when it exists, else the copy installed with the package.
+
+    Lets `lightning fit -c recipes/stream.yaml` work from an install as well as from a checkout.
+    """
+    if Path(path).exists():
+        return path
+    parts = Path(path).parts
+    if "recipes" not in parts:
+        return path
+    rel = parts[parts.index("recipes") + 1:]
+    packaged = asset_dir("recipes").joinpath(*rel)
+    return str(packaged) if packaged.is_file() else path
+
+
+def _with_packaged_recipes(args: Sequence[str]) -> list[str]:
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg in CONFIG_FLAGS and i + 1 < len(args):
+            args[i + 1] = packaged_recipe(args[i + 1])
+        elif arg.startswith("--config="):
+            args[i] = "--config=" + packaged_recipe(arg.split("=", 1)[1])
+    return args
+
+
+def lightning_main(args: Sequence[str] | None = None) -> None:
+    """`lightning fit|validate|test|predict`: LightningCLI over the zoo's modules and datamodules."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    args = _with_packaged_recipes(sys.argv[1:] if args is None else args)
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lightning"},
+    )
+
+
+# zoo tools --------------------------------------------------------------------------------
+
+def _hub_list(_: argparse.Namespace) -> None:
+    from zoo.hub import REGISTRY, is_implemented
+
+    rows = [("name", "paper", "weights", "license", "status")]
+    for name, cfg in REGISTRY.items():
+        status = "ready" if is_implemented(name) else "not implemented"
+        rows.append((name, cfg.paper, cfg.repo_id or "(train with " + cfg.recipe + ")", cfg.license, status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _hub_download(ns: argparse.Namespace) -> None:
+    from zoo.hub import download
+
+    print(download(ns.name, local_dir=ns.local_dir))
+
+
+def _hub_export(ns: argparse.Namespace) -> None:
+    from zoo.hub import export_checkpoint
+
+    print(export_checkpoint(ns.checkpoint, ns.folder, repo_id=ns.repo_id))
+
+
+def _hub_push(ns: argparse.Namespace) -> None:
+    from zoo.hub import push
+
+    print(push(ns.folder, ns.repo_id, private=ns.private, revision=ns.revision))
+
+
+def _hub_card(ns: argparse.Namespace) -> None:
+    from zoo.hub import render_card
+
+    print(render_card(ns.name, repo_id=ns.repo_id))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_output(output: str) -> None:
+    from zoo.components.video_io import VIDEO_EXTENSIONS
+
+    if output == "-":
+        return
+    path = Path(output)
+    suffix = path.suffix.lower()
+    if suffix and "%" not in path.name and suffix not in VIDEO_EXTENSIONS:
+        raise ValueError(f"cannot write {output}: unknown extension {suffix} (use {', '.join(VIDEO_EXTENSIONS)}, "
+                         f"a folder, or -)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {output}: folder {path.parent} does not exist")
+
+
+def _upscale(ns: argparse.Namespace) -> None:
+    import torch
+
+    from zoo.components import video_io
+    from zoo.hub import load
+
+    # Both ends are checked before the (slow) model load, so bad paths fail at once.
+    _check_output(ns.output)
+    if ns.input == "-":
+        frames = video_io.iter_y4m(sys.stdin.buffer)
+        fps = frames.fps
+    else:
+        fps = video_io.probe_video(ns.input).fps
+        frames = video_io.iter_frames(ns.input)
+    model = load(ns.model, pretrained=not ns.random_weights, variant=ns.variant, weights=ns.weights,
+                 device=ns.device, dtype=getattr(torch, ns.dtype))
+    lr = (frame.to(ns.device, model.dtype) for frame in frames)
+    hr = (frame.float().clamp(0, 1).cpu() for frame in model.stream(lr))
+    out_fps = fps * model.temporal_scale
+    if ns.output == "-":
+        video_io.write_y4m(sys.stdout.buffer, hr, out_fps)
+    else:
+        video_io.write_video(ns.output, hr, out_fps, crf=ns.crf, audio_from=None if ns.input == "-" else ns.input)
+
+
+def _bench(ns: argparse.Namespace) -> None:
+    import ast
+    import json
+
+    from zoo.bench import BENCHMARKS, run_benchmark
+
+    if ns.name is None:
+        for name, target in BENCHMARKS.items():
+            print(f"{name}  ({target})")
+        return
+    kwargs = {}
+    for item in ns.arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--arg takes KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    result = run_benchmark(ns.name, **kwargs)
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if ns.json is not None:
+        ns.json.write_text(text + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `zoo` argument parser (tools only; Lightning subcommands are dispatched before parsing)."""
+    from zoo.hub import REGISTRY
+
+    parser = argparse.ArgumentParser(
+        prog="zoo",
+        description="vsr-zoo tools. Training: `zoo fit -c recipes/<name>.yaml` (same as `lightning fit`).",
+        epilog=f"Lightning subcommands: {', '.join(LIGHTNING_SUBCOMMANDS)} (see `zoo fit --help`).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    hub = commands.add_parser("hub", help="list, download, export, push and render model cards")
+    hub_commands = hub.add_subparsers(dest="hub_command", required=True, metavar="ACTION")
+    names = list(REGISTRY)
+
+    p = hub_commands.add_parser("list", help="the registered models and where their weights live")
+    p.set_defaults(run=_hub_list)
+
+    p = hub_commands.add_parser("download", help="download a model's published weights")
+    p.add_argument("name", choices=names)
+    p.add_argument("--local-dir", type=Path, help="copy the files here instead of the Hub cache only")
+    p.set_defaults(run=_hub_download)
+
+    p = hub_commands.add_parser("export", help="turn a training checkpoint into a Hub-ready folder")
+    p.add_argument("checkpoint", type=Path, help="a .ckpt written by `lightning fit`")
+    p.add_argument("folder", type=Path, help="output folder (safetensors + config.json + README.md)")
+    p.add_argument("--repo-id", help="the Hub repo the card should name")
+    p.set_defaults(run=_hub_export)
+
+    p = hub_commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
+    p.add_argument("folder", type=Path)
+    p.add_argument("repo_id", help="org/name on the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to push to")
+    p.set_defaults(run=_hub_push)
+
+    p = hub_commands.add_parser("card", help="print a model's rendered model card")
+    p.add_argument("name", choices=names)
+    p.add_argument("--repo-id", help="the Hub repo the card should name")
+    p.set_defaults(run=_hub_card)
+
+    p = commands.add_parser("upscale", help="upscale a video file, frame folder or y4m pipe")
+    p.add_argument("input", help="video file, frame folder, or - for y4m frames on stdin")
+    p.add_argument("output", help="video file (.mp4/.mkv/.webm/...), frame folder, or - for y4m on stdout")
+    p.add_argument("--model", required=True, choices=names, help="hub name")
+    p.add_argument("--weights", help="a weights folder or Hub repo id (default: the registry's weights)")
+    p.add_argument("--variant", default="full", choices=("full", "tiny"),
+                   help="network size with --random-weights")
+    p.add_argument("--random-weights", action="store_true", help="random init instead of pretrained weights")
+    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better)")
+    p.set_defaults(run=_upscale)
+
+    p = commands.add_parser("bench", help="run a speed or memory benchmark")
+    p.add_argument("name", nargs="?", help="benchmark name; omit to list them")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the benchmark (VALUE parsed as a Python literal)")
+    p.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    p.set_defaults(run=_bench)
+    return parser
+
+
+# Errors a user can cause (bad paths, bad videos, missing weights): one line, exit 1.
+USER_ERRORS = (ValueError, OSError, NotImplementedError, KeyError)
+
+
+def zoo_main(args: Sequence[str] | None = None) -> None:
+    """The `zoo` command."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in LIGHTNING_SUBCOMMANDS:
+        lightning_main(args)
+        return
+    ns = build_parser().parse_args(args)
+    try:
+        ns.run(ns)
+    except BrokenPipeError:
+        # The reader went away (`zoo hub card x | head`): not an error of ours.
+        sys.stderr.close()
+        raise SystemExit(0) from None
+    except USER_ERRORS as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"zoo: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,1 @@
+"""Shared building blocks; used by two or more papers, never importing a paper package."""

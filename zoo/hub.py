@@ -1,0 +1,330 @@
+"""Weights registry, loading from the Hugging Face Hub or local folders, export, push and cards.
+
+`REGISTRY` is the one place that says, for every hub name, which paper it is, where its weights
+live and under which licence. Downloads go through `huggingface_hub`; weights are safetensors.
+This module never imports the training stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from zoo.assets import asset_dir
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+    from zoo.components.upscaler import VideoUpscaler
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """Where a hub entry's code and weights live.
+
+    Args:
+        paper: the paper's short title.
+        paradigm: one line on how the method upscales.
+        upscaler: `module:Class` of the entry's `VideoUpscaler`.
+        module: `module:Class` of the entry's LightningModule (used by `zoo hub export`).
+        recipe: the full-size training recipe, relative to the checkout.
+        repo_id: Hub repository with this entry's weights; None while none are published.
+        revision: git revision of `repo_id` to pin.
+        files: glob patterns of the files to download from `repo_id`.
+        sha256: expected digests of downloaded files (path in repo -> hex digest), checked after
+            download; files not listed are trusted to the pinned revision.
+        license: SPDX id of the weights' licence.
+        base_models: Hub ids of the published models the weights build on.
+    """
+
+    paper: str
+    paradigm: str
+    upscaler: str
+    module: str
+    recipe: str
+    repo_id: str | None
+    revision: str = "main"
+    files: tuple[str, ...] = ("*.json", "*.safetensors", "*.md")
+    sha256: dict[str, str] = field(default_factory=dict)
+    license: str = "apache-2.0"
+    base_models: tuple[str, ...] = ()
+
+
+REGISTRY: dict[str, PretrainedCfg] = {
+    "osdiffvsr": PretrainedCfg(
+        paper="OS-DiffVSR",
+        paradigm="one-step latent diffusion, 3-frame window with flow-warped fusion",
+        upscaler="zoo.osdiffvsr.pipeline:OSDiffVSRUpscaler",
+        module="zoo.osdiffvsr.module:OSDiffVSRModule",
+        recipe="recipes/osdiffvsr.yaml",
+        repo_id=None,
+        base_models=("stabilityai/stable-diffusion-2-1-base",),
+    ),
+    "stream_diffvsr": PretrainedCfg(
+        paper="Stream-DiffVSR",
+        paradigm="causal streaming, 4-step distilled DDIM with auto-regressive temporal guidance",
+        upscaler="zoo.stream_diffvsr.pipeline:StreamDiffVSRUpscaler",
+        module="zoo.stream_diffvsr.module:StreamDiffVSRModule",
+        recipe="recipes/stream.yaml",
+        repo_id="Jamichsu/Stream-DiffVSR",
+        files=("controlnet/*", "unet/*", "vae/*", "scheduler/*"),
+        base_models=("stabilityai/stable-diffusion-x4-upscaler",),
+    ),
+    "osdenhancer": PretrainedCfg(
+        paper="OSDEnhancer",
+        paradigm="one-step space-time VSR with temporal/spatial LoRA experts",
+        upscaler="zoo.osdenhancer.pipeline:OSDEnhancerUpscaler",
+        module="zoo.osdenhancer.module:OSDEnhancerModule",
+        recipe="recipes/osdenhancer.yaml",
+        repo_id="W-Shuoyan/OSDEnhancer",
+        files=("transformer/*", "vae/*", "scheduler/*", "prompt_embeddings/*"),
+        base_models=("zai-org/CogVideoX1.5-5B",),
+    ),
+    "pssr": PretrainedCfg(
+        paper="PS-SR",
+        paradigm="pseudo-single-step speculative diffusion with a pruned draft model",
+        upscaler="zoo.pssr.pipeline:PSSRUpscaler",
+        module="zoo.pssr.module:PSSRModule",
+        recipe="recipes/pssr.yaml",
+        repo_id=None,
+        base_models=("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",),
+    ),
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class WeightsUnavailableError(OSError):
+    """Weights could not be found locally or downloaded."""
+
+
+def list_models() -> list[str]:
+    """Every hub name, in registry order."""
+    return list(REGISTRY)
+
+
+def get_cfg(name: str) -> PretrainedCfg:
+    """The registry entry of `name`; unknown names raise a `ValueError` listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}") from None
+
+
+def import_object(path: str) -> Any:
+    """Import `package.module:Attribute`."""
+    module, _, attr = path.partition(":")
+    return getattr(import_module(module), attr)
+
+
+def upscaler_class(name: str) -> type[VideoUpscaler]:
+    """The `VideoUpscaler` subclass of `name`; `NotImplementedError` while its paper is not in the zoo."""
+    cfg = get_cfg(name)
+    module = cfg.upscaler.partition(":")[0]
+    try:
+        return import_object(cfg.upscaler)
+    except ModuleNotFoundError as err:
+        # Only a missing paper package means "not implemented"; any other missing module is a bug.
+        if err.name is None or not module.startswith(err.name):
+            raise
+        raise NotImplementedError(f"{cfg.paper} is not implemented in this zoo yet") from None
+
+
+def is_implemented(name: str) -> bool:
+    """Whether the paper behind `name` is in this zoo."""
+    try:
+        upscaler_class(name)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def resolve_weights(weights: str | os.PathLike, *, revision: str | None = None,
+                    allow_patterns: tuple[str, ...] | None = None, local_dir: str | os.PathLike | None = None) -> Path:
+    """A local folder holding `weights`: the folder itself, or a snapshot of the Hub repo it names.
+
+    Args:
+        weights: a local folder, or a Hub repo id (`org/name`).
+        revision: git revision of the repo; the default branch when None.
+        allow_patterns: restrict the download to these globs.
+        local_dir: copy the snapshot into this folder instead of only the Hub cache.
+
+    Raises:
+        WeightsUnavailableError: neither a folder nor a downloadable repo (offline, missing, gated).
+    """
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return path
+    ref = str(weights)
+    if not _REPO_ID.match(ref) or path.exists():
+        raise WeightsUnavailableError(f"weights {ref!r} is neither a folder nor a Hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(ref, revision=revision, allow_patterns=list(allow_patterns or ()) or None,
+                                   local_dir=local_dir)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise WeightsUnavailableError(
+            f"could not download {ref!r} from the Hugging Face Hub ({type(err).__name__}); with no network "
+            f"or HF_HUB_OFFLINE=1 only cached files are used, so download it where a network is available "
+            f"or pass a local folder with weights=PATH"
+        ) from None
+    return Path(folder)
+
+
+def verify_sha256(folder: Path, digests: dict[str, str]) -> None:
+    """Check the files in `folder` against `digests`; a mismatch or missing file raises."""
+    for rel, expected in digests.items():
+        file = folder / rel
+        if not file.is_file():
+            raise WeightsUnavailableError(f"{file} is missing from the downloaded weights")
+        digest = hashlib.sha256()
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise WeightsUnavailableError(f"{file} has sha256 {digest.hexdigest()}, expected {expected}")
+
+
+def _unpublished(cfg: PretrainedCfg) -> str:
+    return (f"no pretrained {cfg.paper} weights are published yet; train them with `lightning fit -c {cfg.recipe}`, "
+            f"export with `zoo hub export CKPT DIR` and pass weights=DIR")
+
+
+def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: str | os.PathLike | None = None,
+         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VideoUpscaler:
+    """Build the `VideoUpscaler` registered as `name`, in eval mode.
+
+    Args:
+        name: a hub name (`zoo.list_models()`).
+        pretrained: load the registry's published weights (ignored when `weights` is given).
+        variant: network size when built without weights: `"full"` (the paper's) or `"tiny"`.
+        weights: a folder or Hub repo id holding weights exported by `zoo hub export` (or the
+            paper's official layout where the paper publishes one).
+        device: where to put the model.
+        dtype: parameter dtype, e.g. `torch.bfloat16`.
+    """
+    cfg = get_cfg(name)
+    cls = upscaler_class(name)
+    if weights is not None:
+        model = cls.from_pretrained(resolve_weights(weights))
+    elif pretrained:
+        if cfg.repo_id is None:
+            raise WeightsUnavailableError(_unpublished(cfg) + " (or pretrained=False for random weights)")
+        if variant != "full":
+            raise ValueError(f"published {cfg.paper} weights are full-size; use variant='full' or pretrained=False")
+        folder = resolve_weights(cfg.repo_id, revision=cfg.revision, allow_patterns=cfg.files)
+        verify_sha256(folder, cfg.sha256)
+        model = cls.from_pretrained(folder)
+    else:
+        model = cls.from_variant(variant)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# Model cards ------------------------------------------------------------------------------
+
+CARD_REQUIRED = ("license", "library_name", "tags", "base_model", "pipeline_tag", "datasets", "metrics")
+CARD_SECTIONS = ("Model Details", "Uses", "Bias, Risks, and Limitations", "How to Get Started with the Model",
+                 "Training Details", "Evaluation", "Citation")
+
+
+def card_template(name: str) -> str:
+    """The raw `model_cards/<name>.md` template (from the checkout or the installed package)."""
+    get_cfg(name)
+    return asset_dir("model_cards").joinpath(f"{name}.md").read_text()
+
+
+def render_card(name: str, *, repo_id: str | None = None) -> ModelCard:
+    """Render `model_cards/<name>.md` with `huggingface_hub.ModelCard` (Jinja2 variables filled)."""
+    from huggingface_hub import ModelCard
+
+    cfg = get_cfg(name)
+    template = ModelCard(card_template(name))  # splits the YAML front matter from the body
+    return ModelCard.from_template(
+        template.data, template_str="---\n{{ card_data }}\n---\n" + template.text, name=name, cfg=cfg,
+        repo_id=repo_id or cfg.repo_id or f"<your-org>/{name}",
+    )
+
+
+def validate_card(card: ModelCard) -> None:
+    """Offline check of a card's metadata and section order; raises `ValueError` on the first problem."""
+    data = card.data.to_dict()
+    missing = [key for key in CARD_REQUIRED if not data.get(key)]
+    if missing:
+        raise ValueError(f"model card metadata lacks {', '.join(missing)}")
+    if data["library_name"] != "vsr-zoo":
+        raise ValueError(f"model card library_name must be 'vsr-zoo', got {data['library_name']!r}")
+    for key in ("tags", "datasets", "metrics"):
+        if not isinstance(data[key], list) or not all(isinstance(v, str) for v in data[key]):
+            raise ValueError(f"model card {key} must be a list of strings")
+    base = data["base_model"]
+    for repo in [base] if isinstance(base, str) else base:
+        if not _REPO_ID.match(repo):
+            raise ValueError(f"model card base_model {repo!r} is not a Hub repo id")
+    headings = re.findall(r"^## (.+?)\s*$", card.text, flags=re.M)
+    positions = []
+    for section in CARD_SECTIONS:
+        if section not in headings:
+            raise ValueError(f"model card lacks the section '## {section}'")
+        positions.append(headings.index(section))
+    if positions != sorted(positions):
+        raise ValueError(f"model card sections must follow the order {', '.join(CARD_SECTIONS)}")
+
+
+# Export / push ----------------------------------------------------------------------------
+
+def export(model: VideoUpscaler, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:
+    """Write a Hub-ready folder: the model's weights and config plus its rendered card as README.md."""
+    folder = model.save_pretrained(folder)
+    render_card(model.hub_name, repo_id=repo_id).save(folder / "README.md")
+    return folder
+
+
+def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:
+    """Turn a Lightning checkpoint of a zoo LightningModule into a Hub folder (see `export`)."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; report one sentence.
+        raise ValueError(f"{ckpt} is not a readable Lightning checkpoint ({type(err).__name__})") from None
+    name = state.get("zoo", {}).get("hub_name") if isinstance(state, dict) else None
+    if name is None:
+        raise ValueError(f"{ckpt} was not written by a vsr-zoo LightningModule (no 'zoo' entry)")
+    module_cls = import_object(get_cfg(name).module)
+    module = module_cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    return export(module.to_upscaler(), folder, repo_id=repo_id)
+
+
+def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
+         revision: str | None = None) -> str:
+    """Upload an exported folder to the Hub; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and not any(folder.glob("*/config.json")):
+        raise FileNotFoundError(f"{folder} is not an exported weights folder (no config.json)")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision,
+                             commit_message="Upload vsr-zoo weights")
+    return str(info)
+
+
+def download(name: str, *, local_dir: str | os.PathLike | None = None) -> Path:
+    """Download `name`'s published weights (into the Hub cache, or `local_dir`)."""
+    cfg = get_cfg(name)
+    if cfg.repo_id is None:
+        raise WeightsUnavailableError(_unpublished(cfg))
+    folder = resolve_weights(cfg.repo_id, revision=cfg.revision, allow_patterns=cfg.files, local_dir=local_dir)
+    verify_sha256(folder, cfg.sha256)
+    return folder
