@@ -11,7 +11,9 @@ from typing import Any
 
 from zoo.hub import import_object
 
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "io.iter_frames_memory": "zoo.bench.io:bench_iter_frames_memory",
+}
 
 
 def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
