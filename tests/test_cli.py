@@ -95,3 +95,80 @@ def test_recipe_paths_fall_back_to_the_packaged_copy(tmp_path, monkeypatch):
     assert cli.packaged_recipe("recipes/own.yaml") == "recipes/own.yaml"
     args = cli._with_packaged_recipes(["fit", "-c", "recipes/tiny/x.yaml", "--config=recipes/tiny/x.yaml"])
     assert args == ["fit", "-c", str(recipes / "tiny" / "x.yaml"), f"--config={recipes / 'tiny' / 'x.yaml'}"]
+
+
+# zoo upscale, on the "toy" entry (a 2x conv upscaler registered by the `toy` fixture) -----------
+
+def _clip(tmp_path: Path, name: str = "in.mp4", frames: int = 4):
+    import torch
+
+    from zoo.components.video_io import write_video
+
+    ramp = torch.linspace(0, 1, 24)
+    video = torch.stack([torch.stack([ramp.roll(t)[None].expand(16, 24)] * 3) for t in range(frames)])
+    return write_video(tmp_path / name, video, fps=12)
+
+
+def test_upscale_file_to_file(toy, tmp_path):
+    from fractions import Fraction
+
+    from zoo.components.video_io import probe_video
+
+    src = _clip(tmp_path)
+    out = tmp_path / "out.mkv"
+    cli.zoo_main(["upscale", str(src), str(out), "--model", "toy", "--random-weights", "--variant", "tiny"])
+    info = probe_video(out)
+    assert (info.width, info.height, info.num_frames, info.fps) == (48, 32, 4, Fraction(12))
+
+
+def test_upscale_y4m_pipe_to_pipe(toy, tmp_path, monkeypatch):
+    import io
+    import types
+
+    import torch
+
+    from zoo.components.video_io import iter_y4m, write_y4m
+
+    source = io.BytesIO()
+    write_y4m(source, torch.rand(3, 3, 8, 10).unbind(0), 25)
+    sink = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(source.getvalue())))
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=sink))
+    cli.zoo_main(["upscale", "-", "-", "--model", "toy", "--random-weights", "--variant", "tiny"])
+    frames = iter_y4m(io.BytesIO(sink.getvalue()))
+    assert (frames.width, frames.height, frames.fps) == (20, 16, 25)
+    assert len(list(frames)) == 3
+
+
+@pytest.mark.parametrize(("make_input", "output", "message"), [
+    (lambda p: p / "missing.mp4", "out.mp4", "missing.mp4"),
+    (lambda p: (p / "notes.txt").write_text("hello") and p / "notes.txt", "out.mp4", "notes.txt"),
+    (_clip, "out.flv", "unknown extension .flv"),
+    (_clip, "no/such/dir/out.mp4", "does not exist"),
+])
+def test_upscale_bad_input_is_one_line_and_leaves_nothing(toy, tmp_path, capsys, make_input, output, message):
+    src = make_input(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.zoo_main(["upscale", str(src), str(tmp_path / output), "--model", "toy", "--random-weights"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zoo: error: ") and err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []
+
+
+def test_upscale_failing_midway_leaves_no_partial_file(toy, tmp_path, capsys, monkeypatch):
+    src = _clip(tmp_path, frames=6)
+
+    def fail_after_two(self, frames):
+        for index, frame in enumerate(frames):
+            if index == 2:
+                raise ValueError("frame 2 is unusable")
+            yield torch.nn.functional.interpolate(frame[None], scale_factor=2)[0]
+
+    import torch
+
+    monkeypatch.setattr(toy.ToyUpscaler, "stream", fail_after_two)
+    with pytest.raises(SystemExit):
+        cli.zoo_main(["upscale", str(src), str(tmp_path / "out.mp4"), "--model", "toy", "--random-weights"])
+    assert "frame 2 is unusable" in capsys.readouterr().err
+    assert list(tmp_path.glob("out*")) == [] and [p.name for p in tmp_path.iterdir()] == ["in.mp4"]
