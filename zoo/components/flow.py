@@ -1,0 +1,313 @@
+"""Optical flow: RAFT estimator, backward warping, occlusion masks, flow resizing.
+
+Flow convention (shared by every flow source in the zoo):
+
+- A flow field is `(N, 2, H, W)` in pixels; channel 0 is the x (width) displacement, channel 1
+  the y (height) displacement.
+- Pixel `(i, j)` (row, column) has its centre at coordinate `(x, y) = (j, i)`; the image covers
+  `[-0.5, W - 0.5] x [-0.5, H - 0.5]`. `warp` normalises coordinates for `grid_sample` with
+  `align_corners=False`, which is exactly this convention.
+- `flow_fn(src, dst)` returns the flow from `src` to `dst`: pixel `p` of `src` shows the same
+  point as position `p + flow(p)` of `dst`. Hence `warp(dst, flow_fn(src, dst)) ≈ src`
+  (backward warping): `warp(frames[t + 1], flow_fn(frames[t], frames[t + 1])) ≈ frames[t]`.
+
+Every flow source (RAFT, precomputed ground truth) plugs in as a `FlowFn`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from urllib.error import URLError
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small
+
+FlowFn = Callable[[Tensor, Tensor], Tensor]
+"""`flow_fn(src (N, 3, H, W), dst (N, 3, H, W)) -> (N, 2, H, W)`, the flow from `src` to `dst`."""
+
+_RAFT = {
+    "large": (raft_large, Raft_Large_Weights.DEFAULT),
+    "small": (raft_small, Raft_Small_Weights.DEFAULT),
+}
+
+
+def _check_pair(src: Tensor, dst: Tensor) -> None:
+    if src.ndim != 4 or src.shape[1] != 3 or src.shape != dst.shape:
+        raise ValueError(
+            f"src and dst must both be (N, 3, H, W) of one shape, got {tuple(src.shape)} and {tuple(dst.shape)}"
+        )
+
+
+def _check_flow(flow: Tensor, name: str = "flow") -> None:
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"{name} must be (N, 2, H, W), got {tuple(flow.shape)}")
+
+
+class FlowEstimator(nn.Module):
+    """Frozen torchvision RAFT as a `FlowFn`: `estimator(src, dst)` is the flow from `src` to `dst`.
+
+    Inputs are `(N, 3, H, W)` in `[0, 1]` of any size; they are padded (edge replication) to a
+    multiple of 8 and at least RAFT's minimum size (128 for the 4-level correlation pyramid), and
+    the flow is cropped back. The `N` pairs run as one batch, without gradients.
+
+    Args:
+        variant: `"large"` (`raft_large`) or `"small"` (`raft_small`).
+        pretrained: load torchvision's published weights (`Raft_Large_Weights.DEFAULT` /
+            `Raft_Small_Weights.DEFAULT`); `False` keeps the random initialisation.
+        num_flow_updates: RAFT's recurrent refinement iterations (12 by default in RAFT); fewer is
+            faster and coarser.
+        autocast_dtype: run RAFT under `torch.autocast` with this dtype (`torch.bfloat16` or
+            `torch.float16` on CUDA); `None` runs in the module's dtype. The flow is returned in
+            float32 either way.
+    """
+
+    def __init__(
+        self,
+        variant: str = "large",
+        pretrained: bool = True,
+        num_flow_updates: int = 12,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if variant not in _RAFT:
+            raise ValueError(f"variant must be 'large' or 'small', got {variant!r}")
+        if num_flow_updates < 1:
+            raise ValueError(f"num_flow_updates must be at least 1, got {num_flow_updates}")
+        build, weights = _RAFT[variant]
+        self.raft = build(weights=None)
+        if pretrained:
+            try:
+                state = weights.get_state_dict(progress=False, check_hash=True)
+            except URLError as err:
+                raise RuntimeError(
+                    f"RAFT weights {weights} could not be downloaded from {weights.url}; put that file in "
+                    f"{torch.hub.get_dir()}/checkpoints or pass pretrained=False"
+                ) from err
+            self.raft.load_state_dict(state)
+        self.raft.requires_grad_(False)
+        self.raft.eval()
+        self.num_flow_updates = num_flow_updates
+        self.autocast_dtype = autocast_dtype
+        # Images are downsampled 8x, then the correlation volume 2x per extra pyramid level, and
+        # its coarsest level needs at least 2 entries per side.
+        self.min_size = 8 * 2 * 2 ** (self.raft.corr_block.num_levels - 1)
+
+    def train(self, mode: bool = True) -> FlowEstimator:
+        # RAFT is frozen: a parent module switching to train mode must not update its BatchNorm stats.
+        super().train(mode)
+        self.raft.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, src: Tensor, dst: Tensor) -> Tensor:
+        """Flow `(N, 2, H, W)` from `src` to `dst`, both `(N, 3, H, W)` in `[0, 1]`."""
+        _check_pair(src, dst)
+        height, width = src.shape[-2:]
+        pad_h = max(math.ceil(height / 8) * 8, self.min_size) - height
+        pad_w = max(math.ceil(width / 8) * 8, self.min_size) - width
+        pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        param = next(self.raft.parameters())
+        # RAFT expects images in [-1, 1].
+        images = torch.cat([src, dst]).to(param.device, param.dtype) * 2 - 1
+        images = F.pad(images, pad, mode="replicate")
+        image1, image2 = images.chunk(2)
+        with torch.autocast(
+            device_type=images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            flow = self.raft(image1, image2, num_flow_updates=self.num_flow_updates)[-1]
+        return flow[..., pad[2] : pad[2] + height, pad[0] : pad[0] + width].float()
+
+
+class GroundTruthFlow:
+    """A `FlowFn` that looks up precomputed flows of one clip (sample clips, tests).
+
+    `flow_fn(src, dst)` finds each `src` / `dst` frame in `frames` by exact equality and returns
+    `flow[t]` when they are frames `t, t + 1`, or `backward_flow[t]` when they are `t + 1, t`.
+
+    Args:
+        frames: the clip `(T, 3, H, W)`.
+        flow: forward flows `(T - 1, 2, H, W)`: `flow[t]` goes from `frames[t]` to `frames[t + 1]`.
+        backward_flow: optional backward flows `(T - 1, 2, H, W)` from `frames[t + 1]` to `frames[t]`.
+    """
+
+    def __init__(self, frames: Tensor, flow: Tensor, backward_flow: Tensor | None = None) -> None:
+        expected = (frames.shape[0] - 1, 2, *frames.shape[-2:])
+        for name, value in (("flow", flow), ("backward_flow", backward_flow)):
+            if value is not None and tuple(value.shape) != expected:
+                raise ValueError(
+                    f"{name} must be {expected} for frames {tuple(frames.shape)}, got {tuple(value.shape)}"
+                )
+        self.frames = frames
+        self.flow = flow
+        self.backward_flow = backward_flow
+
+    def _indices(self, image: Tensor) -> list[int]:
+        frames = self.frames.to(image.device, image.dtype)
+        return [t for t in range(len(frames)) if torch.equal(frames[t], image)]
+
+    def __call__(self, src: Tensor, dst: Tensor) -> Tensor:
+        _check_pair(src, dst)
+        flows = []
+        for src_frame, dst_frame in zip(src, dst):
+            src_ids, dst_ids = self._indices(src_frame), self._indices(dst_frame)
+            forward = [t for t in src_ids if t + 1 in dst_ids]
+            backward = [t for t in dst_ids if t + 1 in src_ids]
+            if forward:
+                flows.append(self.flow[forward[0]])
+            elif backward and self.backward_flow is not None:
+                flows.append(self.backward_flow[backward[0]])
+            else:
+                raise ValueError("src and dst are not consecutive frames with a stored flow in this GroundTruthFlow")
+        return torch.stack(flows).to(src.device, torch.float32)
+
+
+def consecutive_flows(flow_fn: FlowFn, frames: Tensor, *, backward: bool = False, batch_size: int = 8) -> Tensor:
+    """Flows between consecutive frames of a clip, `batch_size` pairs per `flow_fn` call.
+
+    Args:
+        flow_fn: any `FlowFn`.
+        frames: the clip `(T, 3, H, W)`.
+        backward: `False` gives `flow_fn(frames[t], frames[t + 1])`, `True` gives
+            `flow_fn(frames[t + 1], frames[t])`.
+        batch_size: frame pairs per call.
+
+    Returns:
+        `(T - 1, 2, H, W)`.
+    """
+    if frames.ndim != 4 or frames.shape[0] < 2:
+        raise ValueError(f"frames must be (T, 3, H, W) with T >= 2, got {tuple(frames.shape)}")
+    src, dst = frames[:-1], frames[1:]
+    if backward:
+        src, dst = dst, src
+    return torch.cat(
+        [flow_fn(src[i : i + batch_size], dst[i : i + batch_size]) for i in range(0, len(src), batch_size)]
+    )
+
+
+def _target_coords(flow: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates `x, y` (N, H, W) of the positions `p + flow(p)`."""
+    height, width = flow.shape[-2:]
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=flow.device, dtype=flow.dtype),
+        torch.arange(width, device=flow.device, dtype=flow.dtype),
+        indexing="ij",
+    )
+    return xs + flow[:, 0], ys + flow[:, 1]
+
+
+def warp(image: Tensor, flow: Tensor, padding_mode: str = "border") -> Tensor:
+    """Backward warp: sample `image` at `p + flow(p)` with bilinear interpolation.
+
+    Pixel centres sit at integer coordinates (see the module docstring), so an integer flow moves
+    pixels exactly and a half-pixel flow averages two neighbours.
+
+    Args:
+        image: `(N, C, H, W)`.
+        flow: `(N, 2, H, W)` in pixels, x then y.
+        padding_mode: `"border"` repeats the edge pixels for positions outside the image,
+            `"zeros"` fades to zero over the half pixel outside the border pixel centres.
+
+    Returns:
+        `(N, C, H, W)` in the dtype of `image`.
+    """
+    _check_flow(flow)
+    if image.ndim != 4 or image.shape[0] != flow.shape[0] or image.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(f"image must be (N, C, H, W) matching flow {tuple(flow.shape)}, got {tuple(image.shape)}")
+    if padding_mode not in ("border", "zeros"):
+        raise ValueError(f"padding_mode must be 'border' or 'zeros', got {padding_mode!r}")
+    # Half-precision sampling coordinates would be off by whole pixels on HD frames: sample in at
+    # least float32 and return the image's dtype.
+    dtype = torch.promote_types(image.dtype, torch.float32)
+    x, y = _target_coords(flow.to(dtype))
+    height, width = flow.shape[-2:]
+    # align_corners=False puts pixel centre c at (2c + 1) / size - 1: -1 and 1 are the outer edges
+    # of the border pixels, which is the module's pixel-centre convention.
+    grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)
+    warped = F.grid_sample(image.to(dtype), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return warped.to(image.dtype)
+
+
+def occlusion_mask(flow_fw: Tensor, flow_bw: Tensor, alpha1: float = 0.01, alpha2: float = 0.5) -> Tensor:
+    """Forward-backward consistency check: 1 where a pixel of the source frame is occluded, else 0.
+
+    With `flow_fw` the flow from frame A to frame B and `flow_bw` from B to A, the backward flow
+    seen from A is `f_bw^ = warp(flow_bw, flow_fw)`. A pixel of A is occluded in B where
+
+        |f_fw + f_bw^|^2 > alpha1 (|f_fw|^2 + |f_bw^|^2) + alpha2
+
+    (Sundaram et al., ECCV 2010, as used by UnFlow, Meister et al., AAAI 2018), or where its
+    target `p + f_fw(p)` falls outside the pixel centres of B (`[0, W - 1] x [0, H - 1]`).
+    Use `valid_mask` for the complement.
+
+    Args:
+        flow_fw: `(N, 2, H, W)` flow from A to B.
+        flow_bw: `(N, 2, H, W)` flow from B to A.
+        alpha1: tolerance relative to the flow magnitudes.
+        alpha2: absolute tolerance in squared pixels.
+
+    Returns:
+        `(N, 1, H, W)` float mask, 1 = occluded.
+    """
+    _check_flow(flow_fw, "flow_fw")
+    _check_flow(flow_bw, "flow_bw")
+    if flow_fw.shape != flow_bw.shape:
+        raise ValueError(
+            f"flow_fw and flow_bw must have one shape, got {tuple(flow_fw.shape)} and {tuple(flow_bw.shape)}"
+        )
+    flow_fw, flow_bw = flow_fw.float(), flow_bw.float()
+    flow_bw_at_target = warp(flow_bw, flow_fw)
+    mismatch = (flow_fw + flow_bw_at_target).square().sum(1, keepdim=True)
+    magnitude = flow_fw.square().sum(1, keepdim=True) + flow_bw_at_target.square().sum(1, keepdim=True)
+    inconsistent = mismatch > alpha1 * magnitude + alpha2
+    height, width = flow_fw.shape[-2:]
+    x, y = _target_coords(flow_fw)
+    outside = ((x < 0) | (x > width - 1) | (y < 0) | (y > height - 1))[:, None]
+    return (inconsistent | outside).float()
+
+
+def valid_mask(flow_fw: Tensor, flow_bw: Tensor, alpha1: float = 0.01, alpha2: float = 0.5) -> Tensor:
+    """`1 - occlusion_mask(...)`: 1 where a pixel of the source frame is visible in the target frame."""
+    return 1 - occlusion_mask(flow_fw, flow_bw, alpha1, alpha2)
+
+
+def resize_flow(flow: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Resize a flow field to `size = (H', W')` and rescale its vectors to the new pixel units.
+
+    The x component is multiplied by `W' / W` and the y component by `H' / H`.
+
+    Args:
+        flow: `(N, 2, H, W)`.
+        size: target `(H', W')`.
+        mode: `F.interpolate` mode (`"bilinear"`, `"nearest"`, `"bicubic"`, `"area"`).
+
+    Returns:
+        `(N, 2, H', W')`.
+    """
+    _check_flow(flow)
+    height, width = flow.shape[-2:]
+    align = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(flow, size=tuple(size), mode=mode, **align)
+    ratio = torch.tensor([size[1] / width, size[0] / height], device=flow.device, dtype=flow.dtype)
+    return resized * ratio[:, None, None]
+
+
+def warp_error_map(image: Tensor, warped: Tensor, alpha: float) -> Tensor:
+    """Warping-error confidence `exp(-alpha * |I - W(J)|)`, averaged over channels.
+
+    Args:
+        image: the reference frame `I`, `(N, C, H, W)`.
+        warped: the neighbouring frame `J` warped onto `I`, `W(J)`, `(N, C, H, W)`.
+        alpha: sharpness `alpha` > 0: larger values decay faster with the error.
+
+    Returns:
+        `(N, 1, H, W)` in `(0, 1]`, 1 where the warp matches exactly.
+    """
+    if image.shape != warped.shape or image.ndim != 4:
+        raise ValueError(
+            f"image and warped must be (N, C, H, W) of one shape, got {tuple(image.shape)} and {tuple(warped.shape)}"
+        )
+    # Eq. (14), OS-DiffVSR
+    return torch.exp(-alpha * (image - warped).abs().mean(1, keepdim=True))
