@@ -1,0 +1,934 @@
+"""Clip datasets, the base `VSRDataModule` and the built-in sample clips.
+
+Sample clips
+    `sample_clips()` renders short RGB clips from scikit-image's bundled photographs through a moving
+    virtual camera, with the exact optical flow between consecutive frames. They need no download:
+    every recipe trains and validates on them when no dataset root is given, and tests use their flow
+    as ground truth.
+
+Datasets
+    `VideoClipDataset` (HR training clips from frame folders or video files), `PairedVideoDataset`
+    (benchmarks with given LR/GT folders), `LRVideoDataset` (real-world LR sets without GT) and
+    `SampleClipDataset`. Items are dicts: "hr" / "lr" (T, 3, H, W) float in [0, 1], "key" (a string
+    naming sequence and first frame) and, with `temporal_skip`, the index tensors "key_frames" and
+    "interp_frames" of space-time VSR (`temporal_subsample`).
+
+Conventions
+    Pixel (x, y) is the pixel in column x and row y, its centre at the continuous coordinate (x, y),
+    so an image of width W spans [-0.5, W - 0.5]. `grid_sample(..., align_corners=False)` addresses
+    that point as 2 * (x + 0.5) / W - 1. Flow is in pixels, channel 0 along x (width), channel 1 along
+    y: `flow[t][:, y, x] = (dx, dy)` means the content of pixel (x, y) in frame t is at
+    (x + dx, y + dy) in frame t + 1, so sampling frame t + 1 at p + flow[t](p) reproduces frame t.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import itertools
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from zoo.components.degradation import (
+    BicubicDegradation,
+    BlurDownDegradation,
+    Degradation,
+    RealBasicVSRDegradation,
+    RealESRGANDegradation,
+)
+from zoo.components.video_io import iter_frames, probe_video
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".gif")
+
+# ------------------------------------------------------------------------------------------------
+# Sample clips
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CameraPath:
+    """A virtual camera moving over a photo at constant speed from its first pose to its last.
+
+    View pixel p = (x, y) of frame t shows photo point A_t p with
+    A_t = Translate(c + shift_t) · Rotate(angle_t) · Scale(scale_t) · Translate(-v), where v is the
+    view centre ((W - 1) / 2, (H - 1) / 2) and c the photo centre. shift and angle move linearly in t,
+    scale geometrically (a constant zoom rate).
+
+    Args:
+        shift: offset of the view centre from the photo centre at the first and the last frame, in
+            photo pixels ((x0, y0), (x1, y1)). Content moves opposite to the camera.
+        scale: photo pixels per view pixel at the first and the last frame; decreasing zooms in.
+        angle: camera roll in degrees at the first and the last frame.
+    """
+
+    shift: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
+    scale: tuple[float, float] = (1.0, 1.0)
+    angle: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass
+class SampleClip:
+    """One built-in clip.
+
+    Args:
+        name: `<photo>_<motion>`, e.g. "astronaut_pan".
+        frames: (T, 3, H, W) float32 in [0, 1].
+        flow: (T - 1, 2, H, W) float32 ground-truth flow from frame t to frame t + 1 (module docstring).
+    """
+
+    name: str
+    frames: Tensor
+    flow: Tensor
+
+
+def camera_matrices(path: CameraPath, num_frames: int, size: tuple[int, int]) -> Tensor:
+    """The (T, 3, 3) float64 matrices A_t mapping homogeneous view pixels to photo coordinates.
+
+    Photo coordinates are relative to the photo centre, so the same matrices serve any photo size.
+
+    Args:
+        path: the camera motion.
+        num_frames: T.
+        size: (H, W) of the view.
+    """
+    height, width = size
+    u = torch.linspace(0.0, 1.0, num_frames, dtype=torch.float64)  # [0.] for one frame
+    (x0, y0), (x1, y1) = path.shift
+    shift_x, shift_y = x0 + (x1 - x0) * u, y0 + (y1 - y0) * u
+    scale = path.scale[0] * (path.scale[1] / path.scale[0]) ** u
+    angle = torch.deg2rad(path.angle[0] + (path.angle[1] - path.angle[0]) * u)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    matrices = torch.zeros(num_frames, 3, 3, dtype=torch.float64)
+    matrices[:, 0, 0], matrices[:, 0, 1] = cos, -sin
+    matrices[:, 1, 0], matrices[:, 1, 1] = sin, cos
+    matrices[:, 0, 2] = shift_x - cos * centre_x + sin * centre_y
+    matrices[:, 1, 2] = shift_y - sin * centre_x - cos * centre_y
+    matrices[:, 2, 2] = 1.0
+    return matrices
+
+
+def _pixel_grid(size: tuple[int, int]) -> Tensor:
+    """(3, H, W) float64 homogeneous pixel coordinates (x, y, 1)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(size[0], dtype=torch.float64), torch.arange(size[1], dtype=torch.float64), indexing="ij"
+    )
+    return torch.stack([xs, ys, torch.ones_like(xs)])
+
+
+def camera_flow(matrices: Tensor, size: tuple[int, int]) -> Tensor:
+    """Exact (T - 1, 2, H, W) float32 flow between consecutive frames of a camera path.
+
+    Pixel p of frame t shows photo point A_t p, which frame t + 1 shows at A_{t+1}^{-1} A_t p, so
+    flow[t](p) = A_{t+1}^{-1} A_t p - p.
+
+    Args:
+        matrices: (T, 3, 3) A_t from `camera_matrices`.
+        size: (H, W) of the view.
+    """
+    grid = _pixel_grid(size)
+    frame_to_next = torch.linalg.solve(matrices[1:], matrices[:-1])
+    moved = torch.einsum("tij,jhw->tihw", frame_to_next, grid)
+    return (moved[:, :2] - grid[:2]).float()
+
+
+def render_camera_path(
+    photo: Tensor, path: CameraPath, num_frames: int, size: tuple[int, int], name: str = "clip"
+) -> SampleClip:
+    """Film `photo` with a moving camera: frames plus their exact flow.
+
+    The photo is first resized (antialiased) to the smallest size that keeps every view corner of
+    every frame inside it (upsampled when the path needs more pixels than the photo has), so no
+    frame shows a border and no bilinear tap falls outside.
+
+    Args:
+        photo: (3, h, w) float in [0, 1].
+        path: the camera motion.
+        num_frames: T.
+        size: (H, W) of the frames.
+        name: name of the returned clip.
+    """
+    if num_frames < 2:
+        raise ValueError(f"num_frames must be >= 2, got {num_frames}")
+    height, width = size
+    matrices = camera_matrices(path, num_frames, size)
+    corners = torch.tensor(
+        [[0.0, 0.0, 1.0], [width - 1, 0.0, 1.0], [0.0, height - 1, 1.0], [width - 1, height - 1, 1.0]],
+        dtype=torch.float64,
+    )
+    reach = torch.einsum("tij,cj->tci", matrices, corners)[..., :2].abs().amax(dim=(0, 1))
+    # Sampling at photo coordinate q touches pixels floor(q) and floor(q) + 1: keep q in [0, w - 1]
+    # with one pixel to spare for rounding.
+    needed_w, needed_h = (2 * reach + 3).tolist()
+    factor = max(needed_w / photo.shape[-1], needed_h / photo.shape[-2])
+    src_h, src_w = math.ceil(photo.shape[-2] * factor), math.ceil(photo.shape[-1] * factor)
+    source = F.interpolate(photo[None].float(), size=(src_h, src_w), mode="bilinear", antialias=True)
+
+    grid = _pixel_grid(size)
+    points = torch.einsum("tij,jhw->thwi", matrices, grid)[..., :2]
+    points[..., 0] += (src_w - 1) / 2
+    points[..., 1] += (src_h - 1) / 2
+    normalised = (2 * points + 1) / torch.tensor([src_w, src_h], dtype=torch.float64) - 1
+    frames = F.grid_sample(
+        source.expand(num_frames, -1, -1, -1), normalised.float(), mode="bilinear", align_corners=False
+    )
+    # The antialiasing filter can overshoot 1 by float rounding.
+    return SampleClip(name=name, frames=frames.clamp(0, 1), flow=camera_flow(matrices, size))
+
+
+def _photo(name: str) -> Tensor:
+    # Imported on first render only: scikit-image takes a while to import and datasets never need it.
+    import skimage.data
+
+    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 255
+
+
+# name -> (photo, path as fractions of the view (W, H) for shifts). One motion per clip.
+_SAMPLE_CLIPS: dict[str, tuple[str, CameraPath]] = {
+    "astronaut_pan": ("astronaut", CameraPath(shift=((-0.2, 0.0), (0.2, 0.0)))),
+    "coffee_zoom": ("coffee", CameraPath(scale=(1.0, 0.7))),
+    "chelsea_roll": ("chelsea", CameraPath(scale=(0.9, 0.9), angle=(-5.0, 5.0))),
+    "rocket_tilt": ("rocket", CameraPath(shift=((0.0, 0.15), (0.0, -0.15)), scale=(0.8, 1.0))),
+    "motorcycle_dolly": (
+        "motorcycle",
+        CameraPath(shift=((-0.1, 0.05), (0.1, -0.05)), scale=(1.0, 0.8), angle=(0.0, 4.0)),
+    ),
+}
+SAMPLE_CLIP_NAMES = tuple(_SAMPLE_CLIPS)
+
+
+@functools.lru_cache(maxsize=8)
+def _render_sample_clips(num_frames: int, size: tuple[int, int], names: tuple[str, ...]) -> list[SampleClip]:
+    height, width = size
+    clips = []
+    for name in names:
+        photo, relative = _SAMPLE_CLIPS[name]
+        path = CameraPath(
+            shift=tuple((x * width, y * height) for x, y in relative.shift),
+            scale=relative.scale,
+            angle=relative.angle,
+        )
+        clips.append(render_camera_path(_photo(photo), path, num_frames, size, name))
+    return clips
+
+
+def sample_clips(
+    num_frames: int = 8, size: tuple[int, int] = (96, 128), names: Sequence[str] | None = None
+) -> list[SampleClip]:
+    """The built-in clips: scikit-image photographs filmed by a moving camera, with exact flow.
+
+    One motion per clip (`SAMPLE_CLIP_NAMES`): a pan, a zoom, a roll, a tilt with zoom-out and a
+    combined dolly. The camera covers the same path whatever `num_frames`, so longer clips move more
+    slowly. Rendered once per argument set (cached); each call returns fresh tensors.
+
+    Args:
+        num_frames: frames per clip, >= 2.
+        size: (H, W) of the frames.
+        names: which clips, in order; all when None.
+    """
+    names = SAMPLE_CLIP_NAMES if names is None else tuple(names)
+    unknown = sorted(set(names) - set(SAMPLE_CLIP_NAMES))
+    if unknown:
+        raise ValueError(f"unknown sample clips {unknown}; available: {list(SAMPLE_CLIP_NAMES)}")
+    clips = _render_sample_clips(num_frames, (int(size[0]), int(size[1])), names)
+    return [SampleClip(clip.name, clip.frames.clone(), clip.flow.clone()) for clip in clips]
+
+
+# ------------------------------------------------------------------------------------------------
+# Temporal subsampling (space-time VSR)
+# ------------------------------------------------------------------------------------------------
+
+
+def temporal_subsample(num_frames: int, skip: int) -> tuple[Tensor, Tensor]:
+    """Split frame indices into key frames (the LR input) and frames to interpolate.
+
+    Key frames are every (skip + 1)-th frame, first and last included: 9 frames with skip 3 give keys
+    [0, 4, 8] and interpolated frames [1, 2, 3, 5, 6, 7]. Skip 0 is plain VSR (every frame a key).
+
+    Args:
+        num_frames: output frames; num_frames - 1 must be a multiple of skip + 1.
+        skip: frames dropped between consecutive key frames (0, 1, 3, 7, 15 in the papers).
+    """
+    if skip < 0 or num_frames < 1 or (num_frames - 1) % (skip + 1):
+        raise ValueError(f"num_frames - 1 must be a multiple of skip + 1, got num_frames={num_frames}, skip={skip}")
+    frames = torch.arange(num_frames)
+    is_key = frames % (skip + 1) == 0
+    return frames[is_key], frames[~is_key]
+
+
+def _aligned_length(num_frames: int, skip: int) -> int:
+    """The longest prefix that starts and ends on a key frame."""
+    return (num_frames - 1) // (skip + 1) * (skip + 1) + 1
+
+
+def _add_key_frames(item: dict[str, Any], skip: int | None, num_frames: int) -> dict[str, Any]:
+    if skip is not None:
+        item["key_frames"], item["interp_frames"] = temporal_subsample(num_frames, skip)
+        if "lr" in item:
+            item["lr"] = item["lr"][item["key_frames"]]
+    return item
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequences on disk
+# ------------------------------------------------------------------------------------------------
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort im2 before im10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=_natural_key)
+
+
+def _video_files(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+    return sorted(files, key=_natural_key)
+
+
+def _to_unit_float(frames: Tensor) -> Tensor:
+    return frames.float() / 255 if frames.dtype == torch.uint8 else frames.float()
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """One video: a folder of frame images or a video file.
+
+    Args:
+        key: name of the sequence in its dataset ("000", "00001/0001", a file stem).
+        num_frames: frame count.
+        frames: the frame images in order (folders).
+        video: the video file (videos).
+    """
+
+    key: str
+    num_frames: int
+    frames: tuple[Path, ...] = ()
+    video: Path | None = None
+
+    @classmethod
+    def from_folder(cls, folder: Path, key: str) -> VideoSource:
+        frames = tuple(_frame_files(folder))
+        return cls(key=key, num_frames=len(frames), frames=frames)
+
+    @classmethod
+    def from_video(cls, path: Path, key: str) -> VideoSource:
+        return cls(key=key, num_frames=probe_video(path).num_frames, video=path)
+
+    def read(self, start: int, count: int, step: int = 1) -> Tensor:
+        """Frames start, start + step, ... (count of them): (count, 3, H, W), uint8 from images."""
+        if self.video is not None:
+            frames = iter_frames(self.video, start=start, max_frames=(count - 1) * step + 1)
+            return torch.stack(list(itertools.islice(frames, 0, None, step)))
+        paths = self.frames[start : start + (count - 1) * step + 1 : step]
+        images = [torch.from_numpy(_read_rgb(p)).permute(2, 0, 1) for p in paths]
+        sizes = {tuple(image.shape[-2:]) for image in images}
+        if len(sizes) > 1:
+            raise ValueError(f"{paths[0].parent}: frames differ in size {sorted(sizes)}")
+        return torch.stack(images)
+
+
+# layout -> what a root of that layout holds (quoted by the errors).
+LAYOUTS = {
+    "auto": "a video file, root/sequences/<a>/<b>/im*.png (Vimeo-90K), or root/<seq>/<frame>.png folders "
+    "and/or video files in root",
+    "reds": "root/<seq>/<frame>.png (e.g. REDS train_sharp/000/00000000.png)",
+    "vimeo90k": "root/sequences/<a>/<b>/im1.png ... im7.png",
+    "youhq": "root/<seq>/<frame>.png folders and/or video files (mp4, mkv, ...) in root",
+    "adobe240": "root/<seq>/<frame>.png (frames extracted from each Adobe240 video)",
+    "videos": "a video file, or video files (mp4, mkv, ...) in root",
+}
+
+
+def _frame_folders(root: Path) -> list[VideoSource]:
+    folders = sorted((d for d in root.iterdir() if d.is_dir()), key=_natural_key)
+    sequences = [VideoSource.from_folder(d, d.name) for d in folders]
+    return [s for s in sequences if s.num_frames]
+
+
+def _videos(root: Path) -> list[VideoSource]:
+    paths = [root] if root.is_file() else _video_files(root)
+    return [VideoSource.from_video(p, p.stem) for p in paths]
+
+
+def _vimeo90k(root: Path) -> list[VideoSource]:
+    top = root / "sequences"
+    if not top.is_dir():
+        return []
+    sequences = []
+    for group in sorted((d for d in top.iterdir() if d.is_dir()), key=_natural_key):
+        for clip in sorted((d for d in group.iterdir() if d.is_dir()), key=_natural_key):
+            sequence = VideoSource.from_folder(clip, f"{group.name}/{clip.name}")
+            if sequence.num_frames:
+                sequences.append(sequence)
+    return sequences
+
+
+def discover_sequences(
+    root: str | Path, layout: str = "auto", sequence_list: str | Path | None = None
+) -> list[VideoSource]:
+    """The sequences under a dataset root, sorted by key.
+
+    Args:
+        root: dataset root (see `LAYOUTS` for what each layout expects).
+        layout: one of `LAYOUTS`; "auto" picks a video file, Vimeo-90K when root/sequences exists,
+            else folders of frames and video files.
+        sequence_list: text file of sequence keys to keep, one per line (e.g. Vimeo-90K's
+            sep_trainlist.txt with lines "00001/0001", or REDS keys "000"); relative to root.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
+    root = Path(root)
+    if not root.exists():
+        raise ValueError(f"dataset root {root} does not exist; layout {layout!r} expects {LAYOUTS[layout]}")
+    if layout == "auto":
+        layout = "videos" if root.is_file() else "vimeo90k" if (root / "sequences").is_dir() else "youhq"
+    if layout != "videos" and not root.is_dir():
+        raise ValueError(f"dataset root {root} is not a folder; layout {layout!r} expects {LAYOUTS[layout]}")
+    if layout == "vimeo90k":
+        sequences = _vimeo90k(root)
+    elif layout == "videos":
+        sequences = _videos(root)
+    elif layout == "youhq":
+        sequences = _frame_folders(root) + _videos(root)
+    else:
+        sequences = _frame_folders(root)
+    if sequence_list is not None:
+        listed = [line.strip() for line in (root / sequence_list).read_text().splitlines() if line.strip()]
+        by_key = {s.key: s for s in sequences}
+        missing = [key for key in listed if key not in by_key]
+        if missing:
+            raise ValueError(f"{root}: sequences {missing[:3]} from {sequence_list} hold no frames")
+        sequences = [by_key[key] for key in listed]
+    if not sequences:
+        raise ValueError(f"no frames found under {root}; layout {layout!r} expects {LAYOUTS[layout]}")
+    return sequences
+
+
+def _crop_size(crop_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if crop_size is None:
+        return None
+    return (crop_size, crop_size) if isinstance(crop_size, int) else (int(crop_size[0]), int(crop_size[1]))
+
+
+def _item_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() of ints collides on small values)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets
+# ------------------------------------------------------------------------------------------------
+
+
+class VideoClipDataset(Dataset):
+    """HR training clips from frame folders or video files.
+
+    One item per (sequence, first frame): every window of `clip_length` frames `stride` apart. Random
+    crop, flips and temporal reversal draw from a generator seeded by (seed, index, epoch), so an item
+    is the same in any worker and on any rerun; `set_epoch` (called by `EpochShuffleSampler`) changes
+    the draw per epoch.
+
+    Args:
+        roots: one dataset root or several (their sequences are concatenated).
+        clip_length: frames per clip.
+        stride: temporal stride between the clip's frames.
+        crop_size: HR crop (int for square, or (h, w)); None keeps whole frames.
+        flip: random horizontal and vertical flips (each with probability 1/2).
+        temporal_reverse: reverse the clip with probability 1/2.
+        layout: one of `LAYOUTS`, for every root.
+        sequence_list: optional list file per root (see `discover_sequences`).
+        temporal_skip: space-time VSR: add "key_frames"/"interp_frames" (`temporal_subsample`).
+        seed: base seed of the random augmentation.
+    """
+
+    def __init__(
+        self,
+        roots: str | Path | Sequence[str | Path],
+        *,
+        clip_length: int,
+        stride: int = 1,
+        crop_size: int | tuple[int, int] | None = None,
+        flip: bool = True,
+        temporal_reverse: bool = True,
+        layout: str = "auto",
+        sequence_list: str | None = None,
+        temporal_skip: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if clip_length < 1 or stride < 1:
+            raise ValueError(f"clip_length and stride must be >= 1, got {clip_length} and {stride}")
+        if temporal_skip is not None:
+            temporal_subsample(clip_length, temporal_skip)
+        roots = [roots] if isinstance(roots, str | Path) else list(roots)
+        self.clip_length, self.stride, self.crop_size = clip_length, stride, _crop_size(crop_size)
+        self.flip, self.temporal_reverse, self.temporal_skip = flip, temporal_reverse, temporal_skip
+        self.seed, self.epoch = seed, 0
+        span = (clip_length - 1) * stride + 1
+        self.sequences = [
+            s for root in roots for s in discover_sequences(root, layout, sequence_list) if s.num_frames >= span
+        ]
+        if not self.sequences:
+            raise ValueError(f"no sequence under {[str(r) for r in roots]} has the {span} frames a clip spans")
+        # Cumulative window counts: index -> sequence by bisection, without a per-window list.
+        self._ends = list(itertools.accumulate(s.num_frames - span + 1 for s in self.sequences))
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} clips")
+        which = bisect.bisect_right(self._ends, index)
+        start = index - (self._ends[which - 1] if which else 0)
+        sequence = self.sequences[which]
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, index, self.epoch))
+        frames = sequence.read(start, self.clip_length, self.stride)
+        if self.crop_size is not None:
+            (crop_h, crop_w), (height, width) = self.crop_size, frames.shape[-2:]
+            if height < crop_h or width < crop_w:
+                raise ValueError(
+                    f"{sequence.key}: frames are {height}x{width}, smaller than crop_size {crop_h}x{crop_w}"
+                )
+            top = int(torch.randint(height - crop_h + 1, (), generator=generator))
+            left = int(torch.randint(width - crop_w + 1, (), generator=generator))
+            frames = frames[..., top : top + crop_h, left : left + crop_w]
+        coins = torch.rand(3, generator=generator) < 0.5
+        if self.flip and coins[0]:
+            frames = frames.flip(-1)
+        if self.flip and coins[1]:
+            frames = frames.flip(-2)
+        if self.temporal_reverse and coins[2]:
+            frames = frames.flip(0)
+        item = {"hr": _to_unit_float(frames).contiguous(), "key": f"{sequence.key}/{start:08d}"}
+        return _add_key_frames(item, self.temporal_skip, self.clip_length)
+
+
+@dataclass(frozen=True)
+class PairedLayout:
+    """Where a benchmark keeps its frames.
+
+    Args:
+        gt: frames of sequence <seq> are in gt_root/<seq>/<gt>.
+        lr: frames of sequence <seq> are in lr_root/<seq>/<lr>.
+        sequences: the benchmark's sequences when the root holds more (REDS4 inside REDS).
+    """
+
+    gt: str = ""
+    lr: str = ""
+    sequences: tuple[str, ...] | None = None
+
+
+PAIRED_LAYOUTS = {
+    # gt_root = REDS train_sharp, lr_root = train_sharp_bicubic/X4; REDS4 is clips 000, 011, 015, 020.
+    "reds4": PairedLayout(sequences=("000", "011", "015", "020")),
+    # gt_root = UDM10/GT, lr_root = UDM10/BDx4 (or BIx4).
+    "udm10": PairedLayout(),
+    # gt_root = lr_root = the SPMCS test folder: <seq>/truth/*.png and <seq>/input4/*.png.
+    "spmcs": PairedLayout(gt="truth", lr="input4"),
+    # gt_root = YouHQ40 gt folder, lr_root = its lq folder, both <seq>/*.png.
+    "youhq40": PairedLayout(),
+    # gt_root = Vid4/GT, lr_root = Vid4/BIx4 or BDx4: calendar, city, foliage, walk.
+    "vid4": PairedLayout(sequences=("calendar", "city", "foliage", "walk")),
+    # gt_root = GOPRO_Large/test (<seq>/sharp/*.png), lr_root = LR frames as <seq>/*.png.
+    "gopro": PairedLayout(gt="sharp"),
+    # gt_root = MVSR4x HR folder, lr_root = its LR folder, both <seq>/*.png.
+    "mvsr4x": PairedLayout(),
+    # Any other benchmark stored as gt_root/<seq>/*.png and lr_root/<seq>/*.png.
+    "folders": PairedLayout(),
+}
+
+
+def _layout_help(layout: PairedLayout, side: str) -> str:
+    sub = layout.gt if side == "gt" else layout.lr
+    return f"{side}_root/<seq>/{sub + '/' if sub else ''}<frame>.png"
+
+
+def _windows(num_frames: int, clip_length: int | None, skip: int | None) -> list[tuple[int, int]]:
+    """(start, length) windows covering a whole sequence; the last one ends at the sequence end."""
+    if clip_length is None:
+        return [(0, num_frames if skip is None else _aligned_length(num_frames, skip))]
+    if num_frames < clip_length:
+        return []
+    starts = list(range(0, num_frames - clip_length + 1, clip_length))
+    if starts[-1] + clip_length < num_frames:
+        starts.append(num_frames - clip_length)
+    return [(start, clip_length) for start in starts]
+
+
+class PairedVideoDataset(Dataset):
+    """Benchmark sequences with given LR and GT frames (REDS4, UDM10, SPMCS, YouHQ40, Vid4, GoPro, MVSR4x).
+
+    Layouts (`PAIRED_LAYOUTS`); <seq> folders must match between the two roots:
+
+    - "reds4": gt_root = REDS train_sharp, lr_root = train_sharp_bicubic/X4, both <seq>/<frame>.png;
+      only sequences 000, 011, 015, 020 are used.
+    - "udm10": gt_root = UDM10/GT, lr_root = UDM10/BDx4, both <seq>/<frame>.png.
+    - "spmcs": gt_root = lr_root = the SPMCS test folder, frames in <seq>/truth and <seq>/input4.
+    - "youhq40": gt_root = the gt folder, lr_root = the lq folder, both <seq>/<frame>.png.
+    - "vid4": gt_root = Vid4/GT, lr_root = Vid4/BIx4 (or BDx4); calendar, city, foliage, walk.
+    - "gopro": gt_root = GOPRO_Large/test with <seq>/sharp/<frame>.png, lr_root = <seq>/<frame>.png.
+    - "mvsr4x": gt_root = the HR folder, lr_root = the LR folder, both <seq>/<frame>.png.
+    - "folders": any gt_root/<seq>/<frame>.png with lr_root/<seq>/<frame>.png.
+
+    Args:
+        lr_root: folder of LR sequences.
+        gt_root: folder of GT sequences.
+        layout: one of `PAIRED_LAYOUTS`.
+        clip_length: None yields whole sequences (mind the memory for long 720p ones); else windows of
+            this many frames that cover each sequence, the last one ending at its final frame.
+        temporal_skip: space-time VSR: "lr" keeps only key frames, with "key_frames"/"interp_frames";
+            whole sequences are cut to the longest prefix ending on a key frame.
+    """
+
+    def __init__(
+        self,
+        lr_root: str | Path,
+        gt_root: str | Path,
+        *,
+        layout: str = "folders",
+        clip_length: int | None = None,
+        temporal_skip: int | None = None,
+    ) -> None:
+        if layout not in PAIRED_LAYOUTS:
+            raise ValueError(f"unknown paired layout {layout!r}; expected one of {list(PAIRED_LAYOUTS)}")
+        if clip_length is not None and temporal_skip is not None:
+            temporal_subsample(clip_length, temporal_skip)
+        spec = PAIRED_LAYOUTS[layout]
+        lr_root, gt_root = Path(lr_root), Path(gt_root)
+        for root, side in ((gt_root, "gt"), (lr_root, "lr")):
+            if not root.is_dir():
+                raise ValueError(
+                    f"dataset root {root} does not exist; layout {layout!r} expects {_layout_help(spec, side)}"
+                )
+        names = spec.sequences or sorted(d.name for d in gt_root.iterdir() if d.is_dir())
+        self.pairs: list[tuple[VideoSource, VideoSource]] = []
+        for name in names:
+            gt_dir, lr_dir = gt_root / name / spec.gt, lr_root / name / spec.lr
+            gt = VideoSource.from_folder(gt_dir, name) if gt_dir.is_dir() else None
+            if gt is None or not gt.num_frames:
+                if spec.sequences is None:
+                    continue  # a stray folder without frames in a generic root
+                raise ValueError(f"no frames found in {gt_dir}; layout {layout!r} expects {_layout_help(spec, 'gt')}")
+            lr = VideoSource.from_folder(lr_dir, name) if lr_dir.is_dir() else None
+            if lr is None or lr.num_frames != gt.num_frames:
+                found = 0 if lr is None else lr.num_frames
+                raise ValueError(
+                    f"{lr_dir} holds {found} frames, {gt_dir} holds {gt.num_frames}; layout "
+                    f"{layout!r} expects {_layout_help(spec, 'lr')} for every GT sequence"
+                )
+            self.pairs.append((lr, gt))
+        if not self.pairs:
+            raise ValueError(f"no frames found under {gt_root}; layout {layout!r} expects {_layout_help(spec, 'gt')}")
+        self.temporal_skip = temporal_skip
+        self.items = [
+            (i, start, length)
+            for i, (_, gt) in enumerate(self.pairs)
+            for start, length in _windows(gt.num_frames, clip_length, temporal_skip)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        which, start, length = self.items[index]
+        lr, gt = self.pairs[which]
+        item = {
+            "lr": _to_unit_float(lr.read(start, length)),
+            "hr": _to_unit_float(gt.read(start, length)),
+            "key": f"{gt.key}/{start:08d}",
+        }
+        return _add_key_frames(item, self.temporal_skip, length)
+
+
+class LRVideoDataset(Dataset):
+    """Real-world LR sequences without GT (VideoLQ: root/<seq>/<frame>.png; video files in root too).
+
+    Args:
+        root: dataset root.
+        clip_length: None yields whole sequences; else windows covering each sequence (as in
+            `PairedVideoDataset`).
+    """
+
+    def __init__(self, root: str | Path, *, clip_length: int | None = None) -> None:
+        self.sequences = discover_sequences(root, "youhq")
+        self.items = [
+            (i, start, length)
+            for i, sequence in enumerate(self.sequences)
+            for start, length in _windows(sequence.num_frames, clip_length, None)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        which, start, length = self.items[index]
+        sequence = self.sequences[which]
+        return {"lr": _to_unit_float(sequence.read(start, length)), "key": f"{sequence.key}/{start:08d}"}
+
+
+class SampleClipDataset(Dataset):
+    """The built-in sample clips as a dataset of every window of `clip_length` frames.
+
+    Items: "hr" (clip_length, 3, H, W), "flow" (clip_length - 1, 2, H, W) ground truth, "key".
+
+    Args:
+        num_clips: how many sample clips (the first ones of `SAMPLE_CLIP_NAMES`); all when None.
+        clip_length: frames per item.
+        size: (H, W) the clips are rendered at.
+        num_frames: frames per rendered clip.
+        temporal_skip: space-time VSR: add "key_frames"/"interp_frames" (`temporal_subsample`).
+    """
+
+    def __init__(
+        self,
+        num_clips: int | None = None,
+        clip_length: int = 3,
+        size: tuple[int, int] = (96, 128),
+        num_frames: int = 8,
+        temporal_skip: int | None = None,
+    ) -> None:
+        if not 1 <= clip_length <= num_frames:
+            raise ValueError(f"clip_length must be in [1, num_frames={num_frames}], got {clip_length}")
+        if temporal_skip is not None:
+            temporal_subsample(clip_length, temporal_skip)
+        self.clips = sample_clips(num_frames, size, SAMPLE_CLIP_NAMES[:num_clips])
+        self.clip_length, self.temporal_skip = clip_length, temporal_skip
+        self.windows_per_clip = num_frames - clip_length + 1
+
+    def __len__(self) -> int:
+        return len(self.clips) * self.windows_per_clip
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        clip, start = self.clips[index // self.windows_per_clip], index % self.windows_per_clip
+        stop = start + self.clip_length
+        item = {
+            "hr": clip.frames[start:stop],
+            "flow": clip.flow[start : stop - 1],
+            "key": f"{clip.name}/{start:08d}",
+        }
+        return _add_key_frames(item, self.temporal_skip, self.clip_length)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a permutation seeded by (seed, epoch) and passes the epoch on to the dataset.
+
+    Lightning calls `set_epoch` before each training epoch (also through its distributed wrapper), so
+    the dataset's per-item augmentation seeds follow the epoch in every worker.
+
+    Args:
+        dataset: any sized dataset; its `set_epoch` is called when it has one.
+        seed: base seed of the permutation.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        set_dataset_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_dataset_epoch is not None:
+            set_dataset_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch))
+        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# DataModule
+# ------------------------------------------------------------------------------------------------
+
+DEGRADATIONS: dict[str, Callable[..., Degradation]] = {
+    "realesrgan": RealESRGANDegradation,
+    "realbasicvsr": RealBasicVSRDegradation,
+    "bicubic": BicubicDegradation,
+    "blurdown": BlurDownDegradation,
+}
+
+
+def build_degradation(name: str, scale: int) -> Degradation:
+    """The degradation of `zoo.components.degradation` called `name` (see `DEGRADATIONS`).
+
+    Args:
+        name: one of `DEGRADATIONS`.
+        scale: spatial downscaling factor.
+    """
+    if name not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {name!r}; expected one of {list(DEGRADATIONS)}")
+    return DEGRADATIONS[name](scale=scale)
+
+
+class VSRDataModule(LightningDataModule):
+    """Base DataModule of the papers: HR clips in, LR made on the batch's device.
+
+    With no roots, trains and validates on the built-in sample clips (rendered at crop_size), so every
+    recipe runs offline. LR is made in `on_after_batch_transfer` by the degradation, batched on the
+    device and seeded per step (training) or per clip (evaluation); batches that already hold "lr"
+    (paired benchmarks) pass through. Subclasses override `train_dataset` / `val_dataset` /
+    `test_dataset`.
+
+    Args:
+        train_roots: training dataset roots; None uses the sample clips.
+        val_roots: validation dataset roots (whole frames, no augmentation); None uses the sample clips.
+        clip_length: frames per training clip.
+        crop_size: square HR crop of training clips; a multiple of scale.
+        batch_size: training batch size (evaluation uses 1: whole frames differ in size).
+        num_workers: DataLoader workers.
+        scale: spatial upscaling factor.
+        degradation: name in `DEGRADATIONS` ("realesrgan", "realbasicvsr", "bicubic", "blurdown") or a
+            `Degradation`: `(clips (B, T, 3, H, W), generator) -> (B, T, 3, H / scale, W / scale)`.
+        layout: dataset layout of the roots (see `LAYOUTS`).
+        stride: temporal stride between the frames of a training clip.
+        temporal_skip: space-time VSR: LR only at key frames, skipping this many frames between them.
+        seed: seed of shuffling, augmentation and degradation.
+    """
+
+    def __init__(
+        self,
+        train_roots: list[str] | None = None,
+        val_roots: list[str] | None = None,
+        clip_length: int = 3,
+        crop_size: int = 64,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        scale: int = 4,
+        degradation: str | Degradation = "realesrgan",
+        layout: str = "auto",
+        stride: int = 1,
+        temporal_skip: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if crop_size % scale:
+            raise ValueError(f"crop_size must be a multiple of scale={scale}, got {crop_size}")
+        self.save_hyperparameters(ignore=[] if isinstance(degradation, str) else ["degradation"])
+        self.train_roots, self.val_roots = train_roots, val_roots
+        self.clip_length, self.crop_size, self.stride = clip_length, crop_size, stride
+        self.batch_size, self.num_workers, self.scale = batch_size, num_workers, scale
+        self.layout, self.temporal_skip, self.seed = layout, temporal_skip, seed
+        self.degradation = build_degradation(degradation, scale) if isinstance(degradation, str) else degradation
+        self._datasets: dict[str, Dataset] = {}
+
+    def _sample_clip_dataset(self) -> SampleClipDataset:
+        return SampleClipDataset(
+            clip_length=self.clip_length,
+            size=(self.crop_size, self.crop_size),
+            num_frames=max(8, self.clip_length),
+            temporal_skip=self.temporal_skip,
+        )
+
+    def train_dataset(self) -> Dataset:
+        """Training clips: random crops of `train_roots`, or the sample clips."""
+        if self.train_roots is None:
+            return self._sample_clip_dataset()
+        return VideoClipDataset(
+            self.train_roots,
+            clip_length=self.clip_length,
+            stride=self.stride,
+            crop_size=self.crop_size,
+            layout=self.layout,
+            temporal_skip=self.temporal_skip,
+            seed=self.seed,
+        )
+
+    def val_dataset(self) -> Dataset:
+        """Validation clips: whole frames of `val_roots` without augmentation, or the sample clips."""
+        if self.val_roots is None:
+            return self._sample_clip_dataset()
+        return VideoClipDataset(
+            self.val_roots,
+            clip_length=self.clip_length,
+            stride=self.stride,
+            flip=False,
+            temporal_reverse=False,
+            layout=self.layout,
+            temporal_skip=self.temporal_skip,
+        )
+
+    def test_dataset(self) -> Dataset:
+        """Test clips; the validation clips unless overridden."""
+        return self.val_dataset()
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._datasets["train"] = self.train_dataset()
+        if stage in ("fit", "validate"):
+            self._datasets["val"] = self.val_dataset()
+        if stage == "test":
+            self._datasets["test"] = self.test_dataset()
+
+    def _dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            raise RuntimeError(f"no {split} dataset: call setup() with the matching stage first")
+        return self._datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(dataset, self.seed),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset("val"), batch_size=1, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset("test"), batch_size=1, num_workers=self.num_workers)
+
+    def degradation_seed(self, keys: Sequence[str]) -> int:
+        """Seed of one batch's degradation: from (seed, global step, clip keys) in training, so every
+        step draws anew and a rerun draws the same; from (seed, clip keys) otherwise, so evaluation
+        sees the same LR every time.
+
+        Args:
+            keys: the batch's "key" strings.
+        """
+        training = self.trainer is not None and self.trainer.training
+        step = self.trainer.global_step if training else -1
+        digest = hashlib.blake2b("\n".join([str(self.seed), str(step), *keys]).encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "little") >> 1
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if "lr" in batch or "hr" not in batch:
+            return batch
+        hr = batch["hr"]
+        if "key_frames" in batch:
+            # Every clip of a batch has the same length, hence the same key frames.
+            hr = hr[:, batch["key_frames"][0]]
+        # A CPU generator: degradations draw clip parameters on the CPU and seed on-device noise from them.
+        generator = torch.Generator().manual_seed(self.degradation_seed(batch["key"]))
+        batch["lr"] = self.degradation(hr, generator)
+        return batch
