@@ -533,3 +533,15 @@ def test_datamodule_in_a_trainer_step():
     )
     trainer.fit(probe, datamodule=VSRDataModule(clip_length=2, crop_size=16, batch_size=2, degradation="bicubic"))
     assert probe.shapes == [((2, 2, 3, 16, 16), (2, 2, 3, 4, 4))] * 2
+
+
+def test_recipes_can_name_a_degradation_by_class_path():
+    from jsonargparse import ArgumentParser
+
+    from zoo.components.degradation import BlurDownDegradation
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(VSRDataModule, "data")
+    spec = '{"class_path": "zoo.components.degradation.BlurDownDegradation", "init_args": {"sigma": 1.2}}'
+    data = parser.instantiate(parser.parse_args(["--data.degradation", spec])).data
+    assert isinstance(data.degradation, BlurDownDegradation) and data.degradation.sigma == 1.2

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import io
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import av
 import kornia
@@ -36,12 +36,17 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 CODEC_FRAME_RATE = 1
 
 
-class Degradation(Protocol):
-    """What a DataModule needs from a degradation: the factor and the HR -> LR map."""
+class Degradation(ABC):
+    """Base of every degradation: the factor and the HR -> LR map.
+
+    A base class rather than a Protocol, so recipes can name any subclass by `class_path`.
+    """
 
     scale: int
 
-    def __call__(self, clips: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+    @abstractmethod
+    def __call__(self, clips: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """HR clips `(B, T, 3, H, W)` in `[0, 1]` -> LR clips `(B, T, 3, H // scale, W // scale)`."""
 
 
 # Kernels ---------------------------------------------------------------------------------------
@@ -351,7 +356,7 @@ def _jpeg(frames: Tensor, quality: float) -> Tensor:
     return kornia.enhance.jpeg_codec_differentiable(frames.clamp(0, 1), quality_tensor)
 
 
-class RealESRGANDegradation:
+class RealESRGANDegradation(Degradation):
     """Real-ESRGAN's second-order degradation, applied to whole clips.
 
     Eq. (4), Real-ESRGAN: `x = (D₂ ∘ D₁)(y)`, each order `D = [(y ⊛ k)↓_r + n]_JPEG` (Eq. (1)),
@@ -524,7 +529,7 @@ class RealBasicVSRClipParams:
     bitrate: int
 
 
-class RealBasicVSRDegradation:
+class RealBasicVSRDegradation(Degradation):
     """RealBasicVSR's video degradation: Real-ESRGAN per clip, then a random video codec.
 
     Args:
@@ -581,7 +586,7 @@ def _crop_to_multiple(frames: Tensor, scale: int) -> Tensor:
     return frames[..., : h - h % scale, : w - w % scale]
 
 
-class BicubicDegradation:
+class BicubicDegradation(Degradation):
     """BI: antialiased bicubic downscaling, the classic benchmark LR.
 
     Torch's antialiased bicubic uses the same `a = -0.5` kernel as MATLAB's `imresize`, so it
@@ -606,7 +611,7 @@ class BicubicDegradation:
         return out[:, 0] if single_frames else out
 
 
-class BlurDownDegradation:
+class BlurDownDegradation(Degradation):
     """BD: Gaussian blur then keep every `scale`-th pixel, the classic benchmark LR.
 
     A `13 x 13` isotropic Gaussian with `sigma` (1.6 for x4) and replicated borders, then the
