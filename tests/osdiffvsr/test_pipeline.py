@@ -1,0 +1,134 @@
+"""OSDiffVSRUpscaler: hub entry, sliding window and look-ahead, odd sizes, tiling, weights folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+
+import zoo.hub
+from zoo.hub import WeightsUnavailableError
+from zoo.osdiffvsr.network import OSDiffVSRConfig
+from zoo.osdiffvsr.pipeline import FILES, OSDiffVSRUpscaler
+
+
+@pytest.fixture(scope="module")
+def upscaler() -> OSDiffVSRUpscaler:
+    torch.manual_seed(0)
+    return zoo.hub.load("osdiffvsr", pretrained=False, variant="tiny")
+
+
+def test_hub_tiny_runs_on_a_video(upscaler: OSDiffVSRUpscaler) -> None:
+    out = upscaler(torch.rand(5, 3, 32, 48))
+    assert out.shape == (5, 3, 128, 192)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_pretrained_error_names_the_recipe() -> None:
+    with pytest.raises(WeightsUnavailableError, match=r"lightning fit -c recipes/osdiffvsr\.yaml"):
+        zoo.hub.load("osdiffvsr")
+
+
+def test_stream_window_boundaries_and_one_frame_lookahead(upscaler: OSDiffVSRUpscaler,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    windows, pulled = [], []
+
+    def record(prev, current, next_):
+        windows.append(tuple(int(x[0, 0, 0, 0] * 10) for x in (prev, current, next_)))
+        return torch.zeros(1, 3, 8, 8)
+
+    def frames(count: int):
+        for t in range(count):
+            pulled.append(t)
+            yield torch.full((3, 2, 2), t / 10)
+
+    monkeypatch.setattr(upscaler, "upscale_window", record)
+    stream = upscaler.stream(frames(5))
+    next(stream)
+    assert pulled == [0, 1]  # frame 0 is out once frame 1 (its look-ahead) has arrived
+    list(stream)
+    assert windows == [(1, 0, 1), (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 3)]
+    windows.clear()
+    list(upscaler.stream(frames(1)))
+    assert windows == [(0, 0, 0)]
+
+
+def test_odd_sizes_are_padded_and_cropped(upscaler: OSDiffVSRUpscaler) -> None:
+    frames = torch.rand(2, 3, 45, 30)
+    out = upscaler(frames)
+    assert out.shape == (2, 3, 180, 120)
+    padded = torch.nn.functional.pad(frames, (0, 2, 0, 3), mode="replicate")
+    with torch.no_grad():
+        reference = upscaler.net(padded[1:2], padded[0:1], padded[1:2])
+    assert torch.allclose(out[0], reference[0, :, :180, :120], atol=1e-5)
+
+
+def test_latent_tiling(upscaler: OSDiffVSRUpscaler) -> None:
+    frames = torch.rand(2, 3, 32, 48)
+    whole = upscaler(frames)
+    try:
+        upscaler.latent_tile = 32  # the latent is 16 x 24: one tile, same result
+        assert torch.allclose(upscaler(frames), whole, atol=1e-6)
+        upscaler.latent_tile, upscaler.latent_tile_overlap = 8, 4
+        tiled = upscaler(frames)
+    finally:
+        upscaler.latent_tile = None
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    assert not torch.equal(tiled, whole)
+
+
+def test_tiny_folder_round_trip_holds_everything(upscaler: OSDiffVSRUpscaler, tmp_path: Path) -> None:
+    upscaler.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(FILES.values())
+    loaded = OSDiffVSRUpscaler.from_pretrained(tmp_path)
+    frames = torch.rand(3, 3, 16, 24)
+    assert torch.equal(loaded(frames), upscaler(frames))
+
+
+def test_folder_with_base_model_omits_published_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tmp_path / "sd21"
+    source = OSDiffVSRUpscaler.from_variant("tiny")
+    # A diffusers base folder: the tiny UNet/VAE without adapters.
+    config = OSDiffVSRConfig.tiny()
+    unet, vae = UNet2DConditionModel(**config.unet), AutoencoderKL(**config.vae)
+    unet.save_pretrained(base / "unet")
+    vae.save_pretrained(base / "vae")
+    model = OSDiffVSRUpscaler(config.replace(base_model=str(base)))
+    model.net.load_base(base, prompt=None)
+    with torch.no_grad():
+        for name, p in model.net.named_parameters():
+            if "lora_B" in name or name.startswith("fusion."):
+                p.normal_(std=0.01)
+        model.net.prompt_embeds.normal_()
+        model.net.flow.load_state_dict(source.net.flow.state_dict())
+    folder = model.save_pretrained(tmp_path / "export")
+    with safe_open(folder / FILES["base"], "pt") as f:
+        names = list(f.keys())
+    assert names and all(name.startswith("flow.") for name in names)  # RAFT is not pretrained here
+    loaded = OSDiffVSRUpscaler.from_pretrained(folder)
+    frames = torch.rand(3, 3, 16, 16)
+    assert torch.equal(loaded(frames), model(frames))
+
+
+def test_folder_mismatch_is_reported(upscaler: OSDiffVSRUpscaler, tmp_path: Path) -> None:
+    upscaler.save_pretrained(tmp_path)
+    (tmp_path / FILES["mff"]).unlink()
+    with pytest.raises(ValueError, match="missing"):
+        OSDiffVSRUpscaler.from_pretrained(tmp_path)
+
+
+CLIPS = Path(__file__).parents[2] / ".." / "shared" / "clips"
+
+
+@pytest.mark.skipif(not (CLIPS / "dove_002.mp4").is_file(), reason="shared clips are absent")
+def test_streams_a_real_clip_of_odd_size(upscaler: OSDiffVSRUpscaler) -> None:
+    from zoo.components.video_io import iter_frames
+
+    # A 61 x 107 corner of the 318 x 180 clip keeps real content and an odd size, and runs fast.
+    frames = (frame[:, :61, :107] for frame in iter_frames(CLIPS / "dove_002.mp4", max_frames=2))
+    out = list(upscaler.stream(frames))
+    assert len(out) == 2 and out[0].shape == (3, 244, 428)

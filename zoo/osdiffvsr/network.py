@@ -1,0 +1,494 @@
+"""OS-DiffVSR networks: the one-step SD-2.1 generator with multi-frame fusion, and the DINOv2 critic.
+
+The generator follows OSEDiff: the bicubic-upsampled LR frame is encoded by the VAE encoder
+(with LoRA), denoised in ONE step of the SD UNet (with LoRA) at the fixed timestep T = 999 under a
+precomputed prompt embedding, and decoded by the frozen VAE decoder. OS-DiffVSR adds multi-frame
+fusion (MFF) of the flow-warped neighbours' latents before the UNet. The discriminator is a
+DINOv2-S ViT whose patch tokens drive the adjacent-frame adversarial losses and the focal MSE.
+
+Pure `nn.Module`s; no Lightning import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.components.flow import FlowEstimator, warp, warp_error_map
+from zoo.components.lora import inject_lora, lora_config
+from zoo.components.tiling import TilePlan
+
+# The SD-2.1 noise schedule (scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1-base).
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear"}
+VAE_FACTOR = 8
+# OSEDiff builds its LoraConfig without lora_alpha, so peft's default applies.
+OSEDIFF_LORA_ALPHA = 8.0
+
+# Published diffusers configs of stabilityai/stable-diffusion-2-1-base (unet/, vae/ config.json).
+SD21_BASE_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": True,
+}
+SD21_BASE_VAE: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 768,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The DINOv2 ViT critic of AFAT.
+
+    Args:
+        embed_dim: token width (384 for DINOv2-S).
+        depth: transformer blocks (12 for DINOv2-S).
+        num_heads: attention heads (6 for DINOv2-S).
+        patch_size: ViT patch size; inputs are resized to a multiple of it.
+        timm_name: timm model whose published weights `pretrained=True` loads.
+    """
+
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    patch_size: int = 14
+    timm_name: str = "vit_small_patch14_dinov2.lvd142m"
+
+    @classmethod
+    def tiny(cls) -> DiscriminatorConfig:
+        return cls(embed_dim=16, depth=1, num_heads=2)
+
+    @classmethod
+    def full(cls) -> DiscriminatorConfig:
+        return cls()
+
+
+@dataclass
+class OSDiffVSRConfig:
+    """Sizes and constants of the OS-DiffVSR generator.
+
+    Args:
+        unet: `UNet2DConditionModel` keyword arguments (SD-2.1-base for `full`).
+        vae: `AutoencoderKL` keyword arguments (SD-2.1-base for `full`).
+        scaling_factor: VAE latent scale (0.18215 for SD-2.x).
+        timestep: the fixed timestep T of the one denoising step.
+        lora_rank: LoRA rank on the VAE encoder and the UNet.
+        prompt_length: tokens in the prompt embedding (77 for CLIP).
+        fusion_dim: width of the MFF query/key projections (all heads together).
+        fusion_heads: MFF attention heads.
+        fusion_alpha: alpha of the warping-error map `exp(-alpha |I - W(I')|)` (images in [0, 1]).
+        fusion_threshold: mu, the warping-error map value above which a pixel is fused (Eq. 14).
+        flow_model: torchvision RAFT variant, `"large"` or `"small"`.
+        flow_pretrained: load torchvision's published RAFT weights (not stored in exported folders).
+        flow_updates: RAFT's recurrent refinement iterations.
+        base_model: Hub id or folder of SD-2.1-base whose weights fill the UNet and VAE; when set,
+            exported folders hold only what training changed (adapters, MFF, prompt embedding).
+    """
+
+    unet: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_UNET))
+    vae: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_VAE))
+    scaling_factor: float = 0.18215
+    timestep: int = 999
+    lora_rank: int = 32
+    prompt_length: int = 77
+    fusion_dim: int = 64
+    fusion_heads: int = 4
+    fusion_alpha: float = 50.0
+    fusion_threshold: float = 0.4
+    flow_model: str = "large"
+    flow_pretrained: bool = False
+    flow_updates: int = 12
+    base_model: str | None = None
+
+    @classmethod
+    def full(cls) -> OSDiffVSRConfig:
+        """SD-2.1-base sizes (random init; set `base_model` to load the published weights)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> OSDiffVSRConfig:
+        """A few channels per block, for CPU tests (the VAE keeps its factor 8)."""
+        unet = {
+            "block_out_channels": [16, 32],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "attention_head_dim": [2, 4],
+            "cross_attention_dim": 16,
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 8,
+            "use_linear_projection": True,
+        }
+        vae = {
+            "block_out_channels": [8, 8, 16, 16],
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "latent_channels": 4,
+            "sample_size": 64,
+        }
+        return cls(unet=unet, vae=vae, lora_rank=4, prompt_length=4, fusion_dim=8, fusion_heads=2,
+                   flow_model="small", flow_updates=4)
+
+    def replace(self, **changes: Any) -> OSDiffVSRConfig:
+        """A copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+# Eq. (2) ----------------------------------------------------------------------------------
+
+def one_step_coefficients(timestep: int) -> tuple[float, float]:
+    """`(alpha_T, beta_T) = (sqrt(abar_T), sqrt(1 - abar_T))` of the SD-2.1 DDPM schedule at `timestep`."""
+    from diffusers import DDPMScheduler
+
+    with torch.device("cpu"):  # plain numbers, also when the network is built on the meta device
+        abar = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod[timestep].double()
+    return math.sqrt(abar.item()), math.sqrt(1.0 - abar.item())
+
+
+def one_step_denoise(z: Tensor, eps: Tensor, alpha_t: float, beta_t: float) -> Tensor:
+    """Eq. (2): the clean latent `Z_hat = (Z - beta_T * eps_theta) / alpha_T` predicted in one step.
+
+    Args:
+        z: the LR latent `Z`, read as the noisy latent at timestep T.
+        eps: the UNet's noise prediction `eps_theta(Z; T, c)`.
+        alpha_t: `sqrt(abar_T)`.
+        beta_t: `sqrt(1 - abar_T)`.
+    """
+    return (z - beta_t * eps) / alpha_t  # Eq. (2), OS-DiffVSR
+
+
+# Multi-frame fusion, Eqs. (8)-(14) -----------------------------------------------------------
+
+def fusion_mask(frame: Tensor, warped: Tensor, alpha: float, threshold: float) -> Tensor:
+    """Eq. (14): hard mask `M = 1[min_j exp(-alpha * mean_c |I_i - W(I_j)|) > mu]`, `(N, 1, H, W)`.
+
+    A pixel is fused only where every warped neighbour `W(I_j)` matches the current frame well
+    enough: its warping-error map (`zoo.components.flow.warp_error_map`, channel-averaged error)
+    exceeds `mu` for all `j`.
+
+    Args:
+        frame: the current frame `I_i` `(N, 3, H, W)` in [0, 1].
+        warped: the K neighbours warped onto it, `(K, N, 3, H, W)`.
+        alpha: sharpness of the error map.
+        threshold: mu.
+    """
+    reliability = torch.stack([warp_error_map(frame, w, alpha) for w in warped]).amin(dim=0)
+    return (reliability > threshold).to(frame.dtype)  # Eq. (14), OS-DiffVSR
+
+
+def downsample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """The mask at latent size `M_down`: a latent position fuses only if all its pixels do (min-pool)."""
+    return -F.adaptive_max_pool2d(-mask, size)
+
+
+class MultiFrameFusion(nn.Module):
+    """Eqs. (10)-(13): attention over the current and two warped-neighbour latents at each position.
+
+    For every latent position, the query is projected from the current latent `Z_L`, the keys from
+    the three latents `Z_j` (`j` = warped previous, current, warped next); per head `h` the weights
+    are `A^h_j = softmax_j(<W_Q^h Z_L, W_K^h Z_j> / sqrt(d))`. Values are the latents themselves, so
+    each head's output `Z_tilde^h = sum_j A^h_j Z_j` stays in the VAE latent space, and the fused
+    latent is their mean over heads, `mean_h Z_tilde^h = sum_j (mean_h A^h_j) Z_j`.
+
+    Args:
+        channels: latent channels (4 for SD).
+        dim: width of the query/key projections (all heads).
+        heads: attention heads; `dim` must divide by it.
+    """
+
+    def __init__(self, channels: int, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"fusion dim {dim} must divide by fusion heads {heads}")
+        self.heads = heads
+        self.to_q = nn.Conv2d(channels, dim, 1)
+        self.to_k = nn.Conv2d(channels, dim, 1)
+
+    def weights(self, current: Tensor, latents: Tensor) -> Tensor:
+        """Head-averaged attention weights `(N, K, h, w)` over `latents` `(N, K, C, h, w)`; sum 1 over K."""
+        n, k = latents.shape[:2]
+        q = self.to_q(current).unflatten(1, (self.heads, -1))  # Eq. (10), OS-DiffVSR
+        keys = self.to_k(latents.flatten(0, 1)).unflatten(0, (n, k)).unflatten(2, (self.heads, -1))  # Eq. (11)
+        logits = torch.einsum("nhdyx,nkhdyx->nhkyx", q, keys) / math.sqrt(q.shape[2])
+        return logits.softmax(dim=2).mean(dim=1)  # Eq. (13), OS-DiffVSR: heads averaged
+
+    def forward(self, current: Tensor, latents: Tensor, mask: Tensor) -> Tensor:
+        """Eq. (12): `Z_f = mean_h(Z_tilde^h) * M_down + (1 - M_down) * Z_L`.
+
+        Args:
+            current: `Z_L` `(N, C, h, w)`, the current frame's latent.
+            latents: `(N, K, C, h, w)`, the K latents attended over (warped neighbours and `Z_L`).
+            mask: `M_down` `(N, 1, h, w)` in [0, 1].
+        """
+        attended = torch.einsum("nkyx,nkcyx->ncyx", self.weights(current, latents), latents)
+        return attended * mask + (1 - mask) * current  # Eq. (12), OS-DiffVSR
+
+
+# Generator ----------------------------------------------------------------------------------
+
+class OSDiffVSRNet(nn.Module):
+    """The OS-DiffVSR generator: one frame `I_hat_i` from the LR window `(I_{i-1}, I_i, I_{i+1})`.
+
+    Attributes `vae` and `unet` are the diffusers SD-2.1 models with LoRA adapters (VAE encoder and
+    UNet); the VAE decoder stays frozen. `fusion` is the MFF attention, `flow` the frozen RAFT,
+    `prompt_embeds` the prompt condition `c` (the empty prompt's CLIP embedding once `load_base`
+    ran; zeros in a randomly initialised net).
+
+    Args:
+        config: sizes and constants.
+    """
+
+    def __init__(self, config: OSDiffVSRConfig) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self.config = config
+        self.vae = AutoencoderKL(**config.vae)
+        self.unet = UNet2DConditionModel(**config.unet)
+        self.vae.requires_grad_(False)
+        self.unet.requires_grad_(False)
+        inject_lora(self.vae, lora_config("sd_vae_encoder", config.lora_rank), "default")
+        inject_lora(self.unet, lora_config("sd_unet", config.lora_rank), "default")
+        latent_channels = config.vae.get("latent_channels", 4)
+        self.fusion = MultiFrameFusion(latent_channels, config.fusion_dim, config.fusion_heads)
+        self.flow = FlowEstimator(config.flow_model, pretrained=config.flow_pretrained,
+                                  num_flow_updates=config.flow_updates)
+        self.register_buffer(
+            "prompt_embeds", torch.zeros(1, config.prompt_length, config.unet["cross_attention_dim"]))
+        self.alpha_t, self.beta_t = one_step_coefficients(config.timestep)
+
+    # Stages of the forward pass ---------------------------------------------------------
+
+    def encode(self, frames: Tensor) -> Tensor:
+        """VAE latents `Z` of LR frames `(N, 3, h, w)` in [0, 1], bicubic-upsampled x4 first."""
+        up = F.interpolate(frames, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        # The posterior mean keeps inference deterministic (OSEDiff samples; its std is ~1e-3 here).
+        return self.vae.encode(up * 2 - 1).latent_dist.mode() * self.config.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """HR frames `(N, 3, 8h, 8w)` in [0, 1] from latents, through the frozen VAE decoder."""
+        return (self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2
+
+    def fuse(self, prev: Tensor, current: Tensor, next_: Tensor, current_latent: Tensor) -> Tensor:
+        """Eqs. (8)-(14): the fused latent `Z_f` of frame i from its LR neighbours.
+
+        Args:
+            prev: `I_{i-1}` `(N, 3, h, w)` in [0, 1].
+            current: `I_i`.
+            next_: `I_{i+1}`.
+            current_latent: `Z_L = E(I_i)`.
+        """
+        neighbours = torch.cat([prev, next_])
+        flow = self.flow(torch.cat([current, current]), neighbours)
+        warped = warp(neighbours, flow)  # Eq. (8), OS-DiffVSR: neighbours aligned onto frame i
+        warped_latents = self.encode(warped)  # Eq. (9), OS-DiffVSR
+        z_prev, z_next = warped_latents.chunk(2)
+        latents = torch.stack([z_prev, current_latent, z_next], dim=1)
+        mask = fusion_mask(current, warped.unflatten(0, (2, -1)), self.config.fusion_alpha,
+                           self.config.fusion_threshold)
+        mask = downsample_mask(F.interpolate(mask, scale_factor=4, mode="nearest"), current_latent.shape[-2:])
+        return self.fusion(current_latent, latents, mask)
+
+    def noise_prediction(self, latents: Tensor, prompt_embeds: Tensor, tiles: TilePlan | None = None) -> Tensor:
+        """`eps_theta(Z; T, c)`, over latent tiles when `tiles` is given."""
+        timestep = torch.full((latents.shape[0],), self.config.timestep, device=latents.device, dtype=torch.long)
+        if tiles is None:
+            return self.unet(latents, timestep, encoder_hidden_states=prompt_embeds).sample
+        return tiles.apply(lambda tile: self.unet(tile, timestep, encoder_hidden_states=prompt_embeds).sample,
+                           latents)
+
+    def forward(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
+                prompt_embeds: Tensor | None = None, tiles: TilePlan | None = None) -> Tensor:
+        """HR frame `I_hat_i` `(N, 3, 4h, 4w)` in [0, 1]; `h`, `w` must be multiples of 8.
+
+        Args:
+            prev: `I_{i-1}` `(N, 3, h, w)` in [0, 1] (the current frame's other neighbour at the ends).
+            current: `I_i`.
+            next_: `I_{i+1}`.
+            fuse: apply multi-frame fusion (off in the `afat` training stage).
+            prompt_embeds: `c`, `(1 or N, L, D)`; the stored `prompt_embeds` when None.
+            tiles: latent tiles for the UNet on large frames.
+        """
+        z = self.encode(current)
+        if fuse:
+            z = self.fuse(prev, current, next_, z)
+        c = self.prompt_embeds if prompt_embeds is None else prompt_embeds
+        c = c.expand(z.shape[0], -1, -1) if c.shape[0] == 1 else c
+        z_hat = one_step_denoise(z, self.noise_prediction(z, c.to(z.dtype), tiles), self.alpha_t, self.beta_t)
+        return self.decode(z_hat)
+
+    def upscale(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
+                tiles: TilePlan | None = None) -> Tensor:
+        """`forward` for any LR size: frames are padded (edge replication) to a multiple of 8 and cropped back.
+
+        Args:
+            prev: `I_{i-1}` `(N, 3, H, W)` in [0, 1].
+            current: `I_i`.
+            next_: `I_{i+1}`.
+            fuse: apply multi-frame fusion.
+            tiles: latent tiles for the UNet, planned for the padded size.
+        """
+        height, width = current.shape[-2:]
+        # LR multiples of 8 make the x4 image a multiple of 32, so the 8x-smaller latent is whole.
+        pad_h, pad_w = -height % VAE_FACTOR, -width % VAE_FACTOR
+        window = torch.cat([prev, current, next_])
+        if pad_h or pad_w:
+            window = F.pad(window, (0, pad_w, 0, pad_h), mode="replicate")
+        out = self(*window.chunk(3), fuse=fuse, tiles=tiles)
+        return out[..., : 4 * height, : 4 * width]
+
+    # Weights ------------------------------------------------------------------------------
+
+    def load_base(self, base_model: str | Path, *, prompt: str | None = "") -> None:
+        """Fill the UNet and VAE with SD-2.1-base weights (diffusers folder or Hub id).
+
+        Args:
+            base_model: folder with `unet/` and `vae/` (and `text_encoder/`, `tokenizer/` for the
+                prompt), or its Hub id.
+            prompt: text whose CLIP embedding becomes `prompt_embeds`; None keeps the current one.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+            published = cls.from_pretrained(base_model, subfolder=name).state_dict()
+            target = getattr(self, name)
+            own = {key.replace(".base_layer", ""): key for key in target.state_dict() if "lora_" not in key}
+            missing = sorted(set(own) - set(published))
+            if missing:
+                raise ValueError(f"{base_model} {name} lacks {len(missing)} weights, e.g. {missing[0]}")
+            target.load_state_dict({own[k]: v for k, v in published.items() if k in own}, strict=False)
+        if prompt is not None:
+            self.prompt_embeds.copy_(encode_prompt(base_model, [prompt], self.config.prompt_length))
+
+
+def load_osediff_lora(net: OSDiffVSRNet, path: str | Path) -> None:
+    """Initialise `net`'s LoRA (and UNet `conv_in`) from OSEDiff's published checkpoint (`osediff.pkl`).
+
+    OSEDiff saves `torch.save({"rank_unet", "rank_vae", "unet_lora_{encoder,decoder,others}_modules",
+    "vae_lora_encoder_modules", "state_dict_unet", "state_dict_vae"})` with parameter names of peft
+    adapters `default_encoder` / `default_decoder` / `default_others` (UNet) and `default_encoder`
+    (VAE); it is read with `weights_only=True`. Its LoRA used peft's default alpha 8, ours alpha = r,
+    so `lora_B` is rescaled by `8 / r` to give the same update.
+
+    Args:
+        net: a generator whose `config.lora_rank` equals OSEDiff's rank (4 in its release).
+        path: the checkpoint file.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for part in ("unet", "vae"):
+        rank = int(ckpt[f"rank_{part}"])
+        if rank != net.config.lora_rank:
+            raise ValueError(f"{path} has {part} LoRA rank {rank}; build the model with lora_rank={rank}")
+        own = getattr(net, part).state_dict()
+        mapped = {}
+        for name, tensor in ckpt[f"state_dict_{part}"].items():
+            key = re.sub(r"\.(lora_[AB])\.default_(?:encoder|decoder|others)\.", r".\1.default.", name)
+            if key not in own:
+                raise ValueError(f"{path}: {part} weight {name} has no counterpart in this model")
+            mapped[key] = tensor * (OSEDIFF_LORA_ALPHA / rank) if ".lora_B." in key else tensor
+        lora_keys = {key for key in own if "lora_" in key}
+        missing = sorted(lora_keys - set(mapped))
+        if missing:
+            raise ValueError(f"{path} lacks {len(missing)} {part} LoRA weights of this model, e.g. {missing[0]}")
+        getattr(net, part).load_state_dict(mapped, strict=False)
+
+
+def encode_prompt(base_model: str | Path, prompts: list[str], max_length: int = 77) -> Tensor:
+    """CLIP text embeddings `(len(prompts), max_length, D)` from an SD-2.1 folder or Hub id.
+
+    For users who have the base model: compute a prompt embedding once, then pass it to the
+    pipeline (`prompt_embeds`), so no text encoder runs at inference.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder").eval()
+    ids = tokenizer(prompts, max_length=max_length, padding="max_length", truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+# Discriminator --------------------------------------------------------------------------------
+
+class DINOv2Discriminator(nn.Module):
+    """DINOv2 ViT whose patch tokens `F(I)` `(N, D, H/14, W/14)` serve the AFAT losses.
+
+    Inputs in [0, 1] are normalised with ImageNet statistics and resized (bilinear) to the nearest
+    multiple of the patch size.
+
+    Args:
+        config: ViT sizes.
+        pretrained: load the published DINOv2-S weights through timm (`config.timm_name`).
+    """
+
+    def __init__(self, config: DiscriminatorConfig, pretrained: bool = False) -> None:
+        super().__init__()
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.config = config
+        if pretrained:
+            try:
+                self.vit = timm.create_model(config.timm_name, pretrained=True, num_classes=0,
+                                             dynamic_img_size=True)
+            except Exception as err:  # timm surfaces offline/missing weights as many error types.
+                raise OSError(
+                    f"could not load the pretrained DINOv2 weights {config.timm_name!r} through timm "
+                    f"({type(err).__name__}); with HF_HUB_OFFLINE=1 or no network they must already be in "
+                    f"the Hugging Face cache, else use discriminator_pretrained=False"
+                ) from None
+        else:
+            self.vit = VisionTransformer(
+                img_size=config.patch_size * 4, patch_size=config.patch_size, embed_dim=config.embed_dim,
+                depth=config.depth, num_heads=config.num_heads, num_classes=0, init_values=1e-5,
+                dynamic_img_size=True)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Patch features `(N, D, H', W')` of images `(N, 3, H, W)` in [0, 1]."""
+        p = self.config.patch_size
+        size = tuple(max(p, round(s / p) * p) for s in images.shape[-2:])
+        x = (images - self.mean) / self.std
+        if size != tuple(images.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        return tokens.transpose(1, 2).unflatten(2, (size[0] // p, size[1] // p))

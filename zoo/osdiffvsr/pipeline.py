@@ -1,0 +1,167 @@
+"""`OSDiffVSRUpscaler`: one-step x4 VSR over a sliding 3-frame window.
+
+Frame `i` is generated from `(I_{i-1}, I_i, I_{i+1})`, so `stream()` holds at most three LR
+frames and emits frame `i` once frame `i + 1` has arrived (one frame of look-ahead). At the ends
+the missing neighbour is replaced by the only one there is: the first frame uses `(I_1, I_0, I_1)`,
+the last `(I_{T-2}, I_{T-1}, I_{T-2})`, a single frame `(I_0, I_0, I_0)`.
+
+Weights folder (`save_pretrained` / `from_pretrained`):
+
+- `config.json`: `{"hub_name": "osdiffvsr", "config": OSDiffVSRConfig}`;
+- `adapters.safetensors`: the LoRA weights of the VAE encoder and UNet, and the UNet's `conv_in`;
+- `mff.safetensors`: the multi-frame-fusion query/key projections;
+- `prompt_embeds.safetensors`: the prompt condition `c` (`prompt_embeds`, `(1, L, D)`);
+- `base.safetensors`: the remaining weights (SD UNet/VAE, RAFT), only for those that have no
+  published source: when `config.base_model` names SD-2.1-base they are loaded from it, and
+  torchvision's RAFT weights when `config.flow_pretrained`. A `tiny` (or randomly initialised)
+  model therefore carries everything; a model trained from SD-2.1-base carries only what
+  training changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from zoo.components.tiling import TilePlan
+from zoo.components.upscaler import CONFIG_NAME, VideoUpscaler, check_frame, config_from_dict, config_to_dict
+from zoo.osdiffvsr.network import VAE_FACTOR, OSDiffVSRConfig, OSDiffVSRNet
+
+FILES = {
+    "adapters": "adapters.safetensors",
+    "mff": "mff.safetensors",
+    "prompt": "prompt_embeds.safetensors",
+    "base": "base.safetensors",
+}
+
+
+def weight_group(net: OSDiffVSRNet, key: str) -> str:
+    """Which file of a weights folder holds the state-dict entry `key` of `net`."""
+    if "lora_" in key or key.startswith("unet.conv_in."):
+        return "adapters"
+    if key.startswith("fusion."):
+        return "mff"
+    if key == "prompt_embeds":
+        return "prompt"
+    return "base"
+
+
+def published_keys(net: OSDiffVSRNet) -> set[str]:
+    """Base weights restored from published sources (SD-2.1-base, torchvision RAFT), not saved."""
+    keys = set()
+    for key in net.state_dict():
+        if weight_group(net, key) != "base":
+            continue
+        if (key.startswith(("unet.", "vae.")) and net.config.base_model is not None) or (
+                key.startswith("flow.") and net.config.flow_pretrained):
+            keys.add(key)
+    return keys
+
+
+class OSDiffVSRUpscaler(VideoUpscaler):
+    """OS-DiffVSR x4 upscaler (one SD-2.1 UNet step per frame, 3-frame window with fusion).
+
+    Args:
+        config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
+        net: an existing generator to wrap; a new one is built from `config` when None.
+        latent_tile: run the UNet on latent tiles of this size (None: whole frames); a latent
+            pixel is 2 LR pixels, so 64 covers 128 x 128 LR pixels.
+        latent_tile_overlap: overlap of neighbouring latent tiles.
+    """
+
+    hub_name = "osdiffvsr"
+    config_class = OSDiffVSRConfig
+    scale = 4
+
+    def __init__(self, config: OSDiffVSRConfig, net: OSDiffVSRNet | None = None, latent_tile: int | None = None,
+                 latent_tile_overlap: int = 16) -> None:
+        super().__init__(config)
+        self.net = OSDiffVSRNet(config) if net is None else net
+        self.latent_tile = latent_tile
+        self.latent_tile_overlap = latent_tile_overlap
+
+    def upscale_window(self, prev: Tensor, current: Tensor, next_: Tensor) -> Tensor:
+        """HR frame `(N, 3, 4H, 4W)` of `current` `(N, 3, H, W)` given its neighbours; any H, W."""
+        prev, current, next_ = (x.to(self.device, self.dtype) for x in (prev, current, next_))
+        tiles = None
+        if self.latent_tile is not None:
+            padded_h, padded_w = (-(-s // VAE_FACTOR) * VAE_FACTOR for s in current.shape[-2:])
+            tiles = TilePlan(padded_h * 4 // VAE_FACTOR, padded_w * 4 // VAE_FACTOR, self.latent_tile,
+                             min(self.latent_tile_overlap, self.latent_tile - 1))
+        return self.net.upscale(prev, current, next_, tiles=tiles)
+
+    @torch.no_grad()
+    def stream(self, frames: Iterable[Tensor]) -> Iterator[Tensor]:
+        """Upscale frames `(3, H, W)` in [0, 1] one at a time; holds at most three LR frames."""
+        prev = current = None
+        for incoming in frames:
+            check_frame(incoming)
+            if current is not None:
+                before = incoming if prev is None else prev
+                yield self.upscale_window(before[None], current[None], incoming[None])[0].float().cpu()
+            prev, current = current, incoming
+        if current is not None:
+            other = current if prev is None else prev
+            yield self.upscale_window(other[None], current[None], other[None])[0].float().cpu()
+
+    def set_prompt_embeds(self, prompt_embeds: Tensor) -> None:
+        """Replace the prompt condition `c` by `(1, L, D)` embeddings (see `network.encode_prompt`)."""
+        expected = tuple(self.net.prompt_embeds.shape)
+        if tuple(prompt_embeds.shape) != expected:
+            raise ValueError(f"prompt_embeds must be {expected}, got {tuple(prompt_embeds.shape)}")
+        self.net.prompt_embeds.copy_(prompt_embeds)
+
+    @classmethod
+    def from_net(cls, net: OSDiffVSRNet) -> OSDiffVSRUpscaler:
+        """An upscaler with a copy of `net`'s weights (the training module's generator)."""
+        return cls(net.config, net=copy.deepcopy(net))
+
+    # Hub folders -------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `config.json` and the safetensors files listed in the module docstring."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"hub_name": self.hub_name, "config": config_to_dict(self.config)}
+        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        published = published_keys(self.net)
+        groups: dict[str, dict[str, Tensor]] = {name: {} for name in FILES}
+        for key, value in self.net.state_dict().items():
+            if key not in published:
+                groups[weight_group(self.net, key)][key] = value.detach().contiguous().cpu()
+        for name, state in groups.items():
+            if state:
+                save_file(state, folder / FILES[name], metadata={"format": "pt"})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> OSDiffVSRUpscaler:
+        """Build from a folder written by `save_pretrained` (loading SD-2.1-base when it names one)."""
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} is not a {cls.hub_name} weights folder: {CONFIG_NAME} is missing")
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+        if meta.get("hub_name") != cls.hub_name:
+            raise ValueError(f"{folder} holds weights for {meta.get('hub_name')!r}, not {cls.hub_name!r}")
+        model = cls(config_from_dict(cls.config_class, meta["config"]))
+        if model.config.base_model is not None:
+            model.net.load_base(model.config.base_model, prompt=None)
+        state: dict[str, Tensor] = {}
+        for name in FILES.values():
+            if (folder / name).is_file():
+                state.update(load_file(folder / name))
+        expected = set(model.net.state_dict()) - published_keys(model.net)
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            example = (missing or unexpected)[0]
+            raise ValueError(f"{folder} does not match its config: {len(missing)} missing and {len(unexpected)} "
+                             f"unexpected weights, e.g. {example}")
+        model.net.load_state_dict(state, strict=False)
+        return model
