@@ -108,6 +108,7 @@ def test_folder_for_another_model_is_rejected(toy, tmp_path):
     (folder / "config.json").write_text(json.dumps({**meta, "hub_name": "pssr"}))
     with pytest.raises(ValueError, match="holds weights for 'pssr', not 'toy'"):
         hub.load("toy", weights=folder)
+    (folder / "config.json").write_text(json.dumps(meta))
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         hub.load("toy", weights=folder)

@@ -144,15 +144,23 @@ class VideoUpscaler(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> VideoUpscaler:
-        """Build from a folder written by `save_pretrained`; weights must match exactly."""
+    def read_config(cls, folder: str | Path) -> Any:
+        """The network config stored in `folder/config.json`, checked to belong to this model."""
         folder = Path(folder)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} is not a {cls.hub_name} weights folder: {name} is missing")
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} is not a {cls.hub_name} weights folder: {CONFIG_NAME} is missing")
         meta = json.loads((folder / CONFIG_NAME).read_text())
         if meta.get("hub_name") != cls.hub_name:
             raise ValueError(f"{folder} holds weights for {meta.get('hub_name')!r}, not {cls.hub_name!r}")
-        model = cls(config_from_dict(cls.config_class, meta["config"]))
+        return config_from_dict(cls.config_class, meta["config"])
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> VideoUpscaler:
+        """Build from a folder written by `save_pretrained`; weights must match exactly."""
+        folder = Path(folder)
+        config = cls.read_config(folder)
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{folder} is not a {cls.hub_name} weights folder: {WEIGHTS_NAME} is missing")
+        model = cls(config)
         model.load_state_dict(load_file(folder / WEIGHTS_NAME), strict=True)
         return model

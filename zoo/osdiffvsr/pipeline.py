@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from zoo.components.tiling import TilePlan
-from zoo.components.upscaler import CONFIG_NAME, VideoUpscaler, check_frame, config_from_dict, config_to_dict
+from zoo.components.upscaler import CONFIG_NAME, VideoUpscaler, check_frame, config_to_dict
 from zoo.osdiffvsr.network import VAE_FACTOR, OSDiffVSRConfig, OSDiffVSRNet
 
 FILES = {
@@ -144,12 +144,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     def from_pretrained(cls, folder: str | Path) -> OSDiffVSRUpscaler:
         """Build from a folder written by `save_pretrained` (loading SD-2.1-base when it names one)."""
         folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder} is not a {cls.hub_name} weights folder: {CONFIG_NAME} is missing")
-        meta = json.loads((folder / CONFIG_NAME).read_text())
-        if meta.get("hub_name") != cls.hub_name:
-            raise ValueError(f"{folder} holds weights for {meta.get('hub_name')!r}, not {cls.hub_name!r}")
-        model = cls(config_from_dict(cls.config_class, meta["config"]))
+        model = cls(cls.read_config(folder))
         if model.config.base_model is not None:
             model.net.load_base(model.config.base_model, prompt=None)
         state: dict[str, Tensor] = {}
