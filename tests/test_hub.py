@@ -30,7 +30,7 @@ def test_unimplemented_paper_raises_not_implemented(monkeypatch):
     cfg = hub.PretrainedCfg(paper="Future-VSR", paradigm="", upscaler="zoo.future_vsr.pipeline:X",
                             module="zoo.future_vsr.module:Y", recipe="recipes/future.yaml", repo_id=None)
     monkeypatch.setitem(hub.REGISTRY, "future", cfg)
-    with pytest.raises(NotImplementedError, match="^Future-VSR is not implemented in this zoo yet$"):
+    with pytest.raises(NotImplementedError, match=r"^Future-VSR is not implemented in this zoo yet$"):
         hub.load("future", pretrained=False)
     assert not hub.is_implemented("future")
 
@@ -45,7 +45,8 @@ def test_random_init_variants(toy):
 
 
 def test_unpublished_weights_name_the_recipe(toy):
-    with pytest.raises(hub.WeightsUnavailableError, match=r"no pretrained Toy weights .* `lightning fit -c recipes/toy.yaml`"):
+    expected = r"no pretrained Toy weights .* `lightning fit -c recipes/toy.yaml`"
+    with pytest.raises(hub.WeightsUnavailableError, match=expected):
         hub.load("toy")
 
 
@@ -70,8 +71,8 @@ def test_load_from_offline_hub_cache(toy, tmp_path, hub_cache):
 
 
 def test_pretrained_from_registry_checks_sha256(toy, tmp_path, hub_cache, monkeypatch):
-    import hashlib
     import dataclasses
+    import hashlib
 
     model = hub.load("toy", pretrained=False, variant="full")
     snapshot = hub_cache(hub.export(model, tmp_path / "export"), "org/toy-weights")
@@ -82,7 +83,7 @@ def test_pretrained_from_registry_checks_sha256(toy, tmp_path, hub_cache, monkey
     assert torch.equal(hub.load("toy")(frames), model(frames))
     bad = dataclasses.replace(cfg, sha256={"model.safetensors": "0" * 64})
     monkeypatch.setitem(hub.REGISTRY, "toy", bad)
-    with pytest.raises(hub.WeightsUnavailableError, match="has sha256 .*, expected 0000"):
+    with pytest.raises(hub.WeightsUnavailableError, match=r"has sha256 .*, expected 0000"):
         hub.load("toy")
 
 
@@ -110,7 +111,7 @@ def test_folder_for_another_model_is_rejected(toy, tmp_path):
         hub.load("toy", weights=folder)
     (folder / "config.json").write_text(json.dumps(meta))
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
         hub.load("toy", weights=folder)
 
 

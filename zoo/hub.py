@@ -74,7 +74,7 @@ REGISTRY: dict[str, PretrainedCfg] = {
         module="zoo.stream_diffvsr.module:StreamDiffVSRModule",
         recipe="recipes/stream.yaml",
         repo_id="Jamichsu/Stream-DiffVSR",
-        files=("controlnet/*", "unet/*", "vae/*", "scheduler/*"),
+        files=("controlnet/*", "unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*"),
         base_models=("stabilityai/stable-diffusion-x4-upscaler",),
     ),
     "osdenhancer": PretrainedCfg(

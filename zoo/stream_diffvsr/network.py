@@ -1,0 +1,517 @@
+"""Stream-DiffVSR networks: x4-upscaler UNet, ARTG ControlNet, temporal tiny autoencoder with TPMs.
+
+Module layout and parameter names follow the official checkpoint (`Jamichsu/Stream-DiffVSR`)
+so its `unet/`, `controlnet/` and `vae/` folders load with `strict=True`:
+
+- `unet`: diffusers `UNet2DConditionModel` (the SD x4 upscaler UNet, 7 input channels: the 4-channel
+  noisy latent concatenated with the LR frame in `[-1, 1]`), distilled to 4 DDIM steps.
+- `controlnet`: diffusers `ControlNetModel` (ARTG): same 7-channel input as the UNet plus the
+  flow-warped previous HR output as `controlnet_cond`; its residuals are added to the UNet.
+- `vae`: `TemporalAutoencoderTiny`: a TAESD-style encoder/decoder at x4 (two stride-2 stages) whose
+  blocks carry a Temporal Processor Module (`alpha`, `temporal_processor`). The decoder fuses the
+  encoder's block features of the warped previous HR output into the current frame's decoding.
+
+The sampler is deterministic DDIM (eta = 0) with the scheduler settings of the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, UNet2DConditionModel
+from torch import Tensor, nn
+
+# TPM constants of the official decoder block: 4x4 average pooling before the 1-D temporal
+# convolution, and a fixed 0.1 weight on the fused temporal residual.
+TPM_POOL = 4
+TPM_RESIDUAL_WEIGHT = 0.1
+
+
+# Configs ----------------------------------------------------------------------------------
+
+def _sdx4_unet_config(*, class_embeds: bool = False) -> dict[str, Any]:
+    """`stabilityai/stable-diffusion-x4-upscaler` unet/config.json (without the noise-level classes)."""
+    return {
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [256, 512, 512, 1024],
+        "center_input_sample": False,
+        "cross_attention_dim": 1024,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 7,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        # The official pipeline calls the UNet and ControlNet without `class_labels` (the x4
+        # upscaler's noise-level input is commented out), which diffusers only allows when the
+        # class embedding is absent: the distilled checkpoint has none.
+        "num_class_embeds": 1000 if class_embeds else None,
+        "only_cross_attention": [True, True, True, False],
+        "out_channels": 4,
+        "sample_size": 128,
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": True,
+    }
+
+
+def controlnet_config_from_unet(unet: dict[str, Any], conditioning_channels: tuple[int, ...]) -> dict[str, Any]:
+    """A `ControlNetModel` config mirroring the encoder half of `unet` (as `ControlNetModel.from_unet`).
+
+    Args:
+        unet: a `UNet2DConditionModel` config.
+        conditioning_channels: `conditioning_embedding_out_channels`; `len - 1` stride-2 convolutions
+            bring the HR condition to latent size, so x4 needs three entries.
+    """
+    keys = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
+            "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+            "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim", "use_linear_projection",
+            "num_class_embeds")
+    config = {key: unet[key] for key in keys if key in unet}
+    config["conditioning_embedding_out_channels"] = list(conditioning_channels)
+    config["conditioning_channels"] = 3
+    return config
+
+
+@dataclass
+class TinyAutoencoderConfig:
+    """`TemporalAutoencoderTiny` settings; names match the official `vae/config.json`."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64)
+    act_fn: str = "relu"
+    upsample_fn: str = "nearest"
+    latent_channels: int = 4
+    upsampling_scaling_factor: int = 2
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3)
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 1)
+    latent_magnitude: float = 3
+    latent_shift: float = 0.5
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    force_upcast: bool = False
+
+
+@dataclass
+class DDIMConfig:
+    """DDIM scheduler settings; names match diffusers' `scheduler_config.json`."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "v_prediction"
+    set_alpha_to_one: bool = False
+    steps_offset: int = 1
+    # The paper rolls the student out at t = 999, 749, 499, 249 ("trailing" spacing).
+    timestep_spacing: str = "trailing"
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+
+
+@dataclass
+class StreamDiffVSRConfig:
+    """All Stream-DiffVSR network settings.
+
+    Args:
+        unet: diffusers `UNet2DConditionModel` config (as in `unet/config.json`).
+        controlnet: diffusers `ControlNetModel` config (as in `controlnet/config.json`).
+        vae: the temporal tiny autoencoder.
+        scheduler: the DDIM sampler.
+        num_inference_steps: denoising steps per frame (4 for the distilled UNet).
+        noise_level: x4-upscaler noise level passed as `class_labels`, used only when the UNet has a
+            class embedding.
+        prompt_length: tokens of the precomputed empty-prompt embedding (77 for CLIP).
+        flow_variant: RAFT `"large"` (the official script's) or `"small"`.
+        flow_pretrained: load torchvision's RAFT weights; False keeps a random RAFT (tests).
+        flow_updates: RAFT refinement iterations.
+        seed: seed of the initial latent noise of every stream.
+    """
+
+    unet: dict[str, Any]
+    controlnet: dict[str, Any]
+    vae: TinyAutoencoderConfig = field(default_factory=TinyAutoencoderConfig)
+    scheduler: DDIMConfig = field(default_factory=DDIMConfig)
+    num_inference_steps: int = 4
+    noise_level: int = 20
+    prompt_length: int = 77
+    flow_variant: str = "large"
+    flow_pretrained: bool = True
+    flow_updates: int = 12
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> StreamDiffVSRConfig:
+        """The paper's sizes: SD x4-upscaler UNet, ControlNet copy of its encoder, 64-channel TAESD x4."""
+        unet = _sdx4_unet_config()
+        return cls(unet=unet, controlnet=controlnet_config_from_unet(unet, (16, 32, 96)))
+
+    @classmethod
+    def tiny(cls) -> StreamDiffVSRConfig:
+        """A few channels of each part; runs on CPU in well under a second per 32x48 frame."""
+        unet = {
+            "act_fn": "silu",
+            "attention_head_dim": 4,
+            "block_out_channels": [16, 32],
+            "cross_attention_dim": 16,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+            "in_channels": 7,
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "num_class_embeds": None,
+            "only_cross_attention": [True, False],
+            "out_channels": 4,
+            "sample_size": 32,
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "use_linear_projection": True,
+        }
+        return cls(
+            unet=unet,
+            controlnet=controlnet_config_from_unet(unet, (8, 8, 16)),
+            vae=TinyAutoencoderConfig(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                                      num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)),
+            prompt_length=4,
+            flow_variant="small",
+            flow_pretrained=False,
+            flow_updates=2,
+        )
+
+
+# DDIM -------------------------------------------------------------------------------------
+
+def alphas_cumprod(config: DDIMConfig) -> Tensor:
+    """ᾱ_t = ∏_{s≤t} (1 - β_s) for every training timestep (float64)."""
+    n = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
+    elif config.beta_schedule == "scaled_linear":
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
+    else:
+        raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {config.beta_schedule!r}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def ddim_timesteps(config: DDIMConfig, steps: int) -> list[int]:
+    """The `steps` timesteps of a DDIM sampling run, first (noisiest) to last (diffusers' spacings)."""
+    n = config.num_train_timesteps
+    if config.timestep_spacing == "leading":
+        ratio = n // steps
+        return [i * ratio + config.steps_offset for i in reversed(range(steps))]
+    if config.timestep_spacing == "trailing":
+        return [round(n - i * n / steps) - 1 for i in range(steps)]
+    if config.timestep_spacing == "linspace":
+        return [round((n - 1) * i / (steps - 1)) for i in reversed(range(steps))] if steps > 1 else [0]
+    raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {config.timestep_spacing!r}")
+
+
+def predict_x0_eps(sample: Tensor, model_output: Tensor, alpha_bar: float | Tensor,
+                   prediction_type: str) -> tuple[Tensor, Tensor]:
+    """Clean latent x̂₀ and noise ε̂ from the network output at a timestep with cumulative ᾱ.
+
+    With z_t = √ᾱ x₀ + √(1-ᾱ) ε (DDPM forward process):
+    - epsilon: x̂₀ = (z_t - √(1-ᾱ) ε̂) / √ᾱ;
+    - v_prediction (v = √ᾱ ε - √(1-ᾱ) x₀, Salimans & Ho 2022): x̂₀ = √ᾱ z_t - √(1-ᾱ) v,
+      ε̂ = √ᾱ v + √(1-ᾱ) z_t;
+    - sample: x̂₀ is the output.
+    """
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=sample.dtype, device=sample.device)
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "v_prediction":
+        # v-parameterisation (Salimans & Ho 2022, Sec. 4), the x4 upscaler's prediction type.
+        return a * sample - s * model_output, a * model_output + s * sample
+    if prediction_type == "epsilon":
+        return (sample - s * model_output) / a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - a * model_output) / s
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+def ddim_step(sample: Tensor, model_output: Tensor, alpha_bar: float | Tensor, alpha_bar_prev: float | Tensor,
+              prediction_type: str, clip_range: float | None = None) -> tuple[Tensor, Tensor]:
+    """One deterministic DDIM step (eta = 0); returns (z_prev, x̂₀).
+
+    DDIM update (Song et al. 2021, Eq. 12 with σ = 0), the sampler of Stream-DiffVSR's 4-step UNet:
+    z_prev = √ᾱ_prev x̂₀ + √(1-ᾱ_prev) ε̂, with (x̂₀, ε̂) from `predict_x0_eps`. With `clip_range`
+    (diffusers' `clip_sample`), x̂₀ is clamped to ±clip_range first and ε̂ kept, as diffusers does.
+    """
+    x0, eps = predict_x0_eps(sample, model_output, alpha_bar, prediction_type)
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=sample.dtype, device=sample.device)
+    # Eq. (12), DDIM (Song et al. 2021), σ_t = 0.
+    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev).sqrt() * eps, x0
+
+
+# Temporal tiny autoencoder ------------------------------------------------------------------
+
+def _activation(name: str) -> nn.Module:
+    activations = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish}
+    if name not in activations:
+        raise ValueError(f"act_fn must be one of {', '.join(activations)}, got {name!r}")
+    return activations[name]()
+
+
+class TemporalTinyBlock(nn.Module):
+    """TAESD residual block with a Temporal Processor Module (TPM).
+
+    Without a temporal condition it is TAESD's block: relu(conv(x) + skip(x)). With `prev_features`
+    (the encoder's block output for the flow-warped previous HR frame, same shape as conv(x)), the
+    TPM adds a temporal residual before the skip:
+
+        c = conv(x);  P = pool₄(c), Q = pool₄(prev)                        (4x4 average pooling)
+        o = TP([flatten(P), flatten(Q)])                                   (1-D convs over the joined sequence)
+        f = α · o[:hw] + (1 - α) · o[hw:]                                  (learned blend, α init 0.5)
+        out = relu(c + 0.1 · up(f) + skip(x))                              (bilinear upsampling to c's size)
+
+    This is the TPM of Stream-DiffVSR's temporal-aware decoder, as in the official block.
+    """
+
+    def __init__(self, channels: int, act_fn: str) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), _activation(act_fn),
+            nn.Conv2d(channels, channels, 3, padding=1), _activation(act_fn),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+        self.skip = nn.Identity()
+        self.fuse = nn.ReLU()
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+        self.temporal_processor = nn.Sequential(
+            nn.Conv1d(channels, channels, 3, padding=1), _activation(act_fn),
+            nn.Conv1d(channels, channels, 3, padding=1),
+        )
+
+    def temporal_residual(self, current: Tensor, prev_features: Tensor) -> Tensor:
+        """The TPM's fused temporal feature f, upsampled to `current`'s size (see the class docstring)."""
+        b, c, h, w = current.shape
+        pooled = F.avg_pool2d(current, TPM_POOL, TPM_POOL)
+        pooled_prev = F.avg_pool2d(prev_features, TPM_POOL, TPM_POOL)
+        ph, pw = pooled.shape[-2:]
+        sequence = torch.cat([pooled.flatten(2), pooled_prev.flatten(2)], dim=2)
+        out = self.temporal_processor(sequence)
+        fused = self.alpha * out[:, :, : ph * pw] + (1 - self.alpha) * out[:, :, -ph * pw:]
+        return F.interpolate(fused.view(b, c, ph, pw), size=(h, w), mode="bilinear", align_corners=False)
+
+    def forward(self, x: Tensor, prev_features: Tensor | None = None) -> Tensor:
+        current = self.conv(x)
+        if prev_features is not None:
+            # TPM fusion, Stream-DiffVSR temporal-aware decoder (Sec. "Auto-regressive Temporal-aware Decoder").
+            current = current + TPM_RESIDUAL_WEIGHT * self.temporal_residual(current, prev_features)
+        return self.fuse(current + self.skip(x))
+
+
+class TinyEncoder(nn.Module):
+    """TAESD encoder at x4: conv, blocks, then per stage a stride-2 conv and blocks; conv to latents."""
+
+    def __init__(self, config: TinyAutoencoderConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = config.encoder_block_out_channels
+        for i, num_blocks in enumerate(config.num_encoder_blocks):
+            if i == 0:
+                layers.append(nn.Conv2d(config.in_channels, channels[0], 3, padding=1))
+            else:
+                layers.append(nn.Conv2d(channels[i - 1], channels[i], 3, padding=1, stride=2, bias=False))
+            layers += [TemporalTinyBlock(channels[i], config.act_fn) for _ in range(num_blocks)]
+        layers.append(nn.Conv2d(channels[-1], config.latent_channels, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Latents of `image` in `[-1, 1]` (TAESD works on `[0, 1]`)."""
+        return self.layers(image.add(1).div(2))
+
+    def block_features(self, image: Tensor) -> list[Tensor]:
+        """Outputs of every block, shallowest first, as the official pipeline computes them.
+
+        The official code runs the encoder layers on the warped `[-1, 1]` image without the
+        `[0, 1]` rescaling of `forward`; the checkpoint's TPMs were trained on those features.
+        """
+        features = []
+        x = image
+        for layer in self.layers:
+            x = layer(x)
+            if isinstance(layer, TemporalTinyBlock):
+                features.append(x)
+        return features
+
+
+class TemporalTinyDecoder(nn.Module):
+    """TAESD decoder at x4 whose blocks take the TPM temporal features."""
+
+    def __init__(self, config: TinyAutoencoderConfig) -> None:
+        super().__init__()
+        channels = config.decoder_block_out_channels
+        layers: list[nn.Module] = [nn.Conv2d(config.latent_channels, channels[0], 3, padding=1),
+                                   _activation(config.act_fn)]
+        last = len(config.num_decoder_blocks) - 1
+        for i, num_blocks in enumerate(config.num_decoder_blocks):
+            layers += [TemporalTinyBlock(channels[i], config.act_fn) for _ in range(num_blocks)]
+            if i != last:
+                layers.append(nn.Upsample(scale_factor=config.upsampling_scaling_factor, mode=config.upsample_fn))
+            out = config.out_channels if i == last else channels[i]
+            layers.append(nn.Conv2d(channels[i], out, 3, padding=1, bias=i == last))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(isinstance(layer, TemporalTinyBlock) for layer in self.layers)
+
+    def forward(self, latents: Tensor, temporal_features: list[Tensor] | None = None) -> Tensor:
+        """Image in `[-1, 1]` from `latents`; `temporal_features` pair with the blocks in order."""
+        if temporal_features is not None and len(temporal_features) != self.num_blocks:
+            raise ValueError(f"the decoder has {self.num_blocks} TPM blocks, got {len(temporal_features)} features")
+        # TAESD soft-clamps latents to [-3, 3].
+        x = torch.tanh(latents / 3) * 3
+        block = 0
+        for layer in self.layers:
+            if isinstance(layer, TemporalTinyBlock):
+                x = layer(x, None if temporal_features is None else temporal_features[block])
+                block += 1
+            else:
+                x = layer(x)
+        return x.mul(2).sub(1)
+
+
+class TemporalAutoencoderTiny(nn.Module):
+    """The temporal-aware tiny autoencoder (`vae/` of the official checkpoint)."""
+
+    def __init__(self, config: TinyAutoencoderConfig) -> None:
+        super().__init__()
+        if len(config.encoder_block_out_channels) != len(config.num_encoder_blocks):
+            raise ValueError("encoder_block_out_channels and num_encoder_blocks must have the same length")
+        if len(config.decoder_block_out_channels) != len(config.num_decoder_blocks):
+            raise ValueError("decoder_block_out_channels and num_decoder_blocks must have the same length")
+        self.config = config
+        self.encoder = TinyEncoder(config)
+        self.decoder = TemporalTinyDecoder(config)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.config.num_encoder_blocks) - 1)
+
+    def encode(self, image: Tensor) -> Tensor:
+        """Latents of an image in `[-1, 1]` (scaled by `scaling_factor`)."""
+        return self.encoder(image) * self.config.scaling_factor
+
+    def temporal_features(self, warped_prev: Tensor) -> list[Tensor]:
+        """TPM inputs for the decoder from the warped previous HR output, deepest block first."""
+        return self.encoder.block_features(warped_prev)[::-1]
+
+    def decode(self, latents: Tensor, temporal_features: list[Tensor] | None = None) -> Tensor:
+        """Image in `[-1, 1]` (unclamped) from diffusion latents."""
+        return self.decoder(latents / self.config.scaling_factor, temporal_features)
+
+
+# Everything together ----------------------------------------------------------------------
+
+class StreamDiffVSRNet(nn.Module):
+    """UNet + ARTG ControlNet + temporal tiny autoencoder + the empty-prompt embedding.
+
+    Args:
+        config: the network config.
+    """
+
+    def __init__(self, config: StreamDiffVSRConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = UNet2DConditionModel(**config.unet)
+        self.controlnet = ControlNetModel(**config.controlnet)
+        self.vae = TemporalAutoencoderTiny(config.vae)
+        # The UNet is conditioned on the text embedding of the empty prompt only; it is stored
+        # precomputed, so inference needs no text encoder.
+        self.register_buffer(
+            "prompt_embeds", torch.zeros(1, config.prompt_length, config.unet["cross_attention_dim"]))
+        self.register_buffer("alphas_cumprod", alphas_cumprod(config.scheduler).float(), persistent=False)
+        if self.controlnet_downscale != self.vae.downscale:
+            raise ValueError(f"the ControlNet condition embedding downsamples by {self.controlnet_downscale} but "
+                             f"the autoencoder by {self.vae.downscale}; they must match")
+
+    @property
+    def controlnet_downscale(self) -> int:
+        return 2 ** (len(self.config.controlnet["conditioning_embedding_out_channels"]) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """LR sizes must be multiples of this (the UNet's downsamplings)."""
+        return 2 ** (len(self.config.unet["block_out_channels"]) - 1)
+
+    @property
+    def timesteps(self) -> list[int]:
+        return ddim_timesteps(self.config.scheduler, self.config.num_inference_steps)
+
+    def alpha_bar(self, t: int) -> Tensor:
+        """ᾱ_t; for t < 0 (after the last step) ᾱ = 1 or ᾱ_0 by `set_alpha_to_one`, as in diffusers."""
+        if t >= 0:
+            return self.alphas_cumprod[t]
+        return torch.ones(()) if self.config.scheduler.set_alpha_to_one else self.alphas_cumprod[0]
+
+    def prev_timestep(self, t: int) -> int:
+        # diffusers' DDIM steps back by num_train_timesteps // steps whatever the spacing.
+        return t - self.config.scheduler.num_train_timesteps // self.config.num_inference_steps
+
+    def class_labels(self, batch: int, device: torch.device) -> Tensor | None:
+        if self.config.unet.get("num_class_embeds") is None:
+            return None
+        return torch.full((batch,), self.config.noise_level, dtype=torch.long, device=device)
+
+    def denoise(self, latents: Tensor, lr: Tensor, t: int, warped_prev: Tensor | None) -> Tensor:
+        """The UNet's prediction for `latents` at timestep `t`.
+
+        Args:
+            latents: noisy latents z_t `(B, 4, h, w)`.
+            lr: LR frames in `[-1, 1]`, `(B, 3, h, w)`, concatenated to the latents (x4 upscaler).
+            t: the timestep.
+            warped_prev: flow-warped previous HR output in `[-1, 1]`, `(B, 3, 4h, 4w)`; None for the
+                first frame, which runs without ARTG.
+        """
+        b = latents.shape[0]
+        model_input = torch.cat([latents, lr.to(latents.dtype)], dim=1)
+        timestep = torch.full((b,), t, dtype=torch.long, device=latents.device)
+        prompt = self.prompt_embeds.to(latents.dtype).expand(b, -1, -1)
+        labels = self.class_labels(b, latents.device)
+        down = mid = None
+        if warped_prev is not None:
+            # ARTG (Stream-DiffVSR, "Auto-regressive Temporal Guidance"): ControlNet residuals from
+            # the warped previous output, added to every UNet skip.
+            down, mid = self.controlnet(model_input, timestep, encoder_hidden_states=prompt,
+                                        controlnet_cond=warped_prev.to(latents.dtype), class_labels=labels,
+                                        return_dict=False)
+        return self.unet(model_input, timestep, encoder_hidden_states=prompt, class_labels=labels,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         return_dict=False)[0]
+
+    def step(self, latents: Tensor, output: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """The scheduler's DDIM step from timestep `t`; returns (z_prev, x̂₀)."""
+        scheduler = self.config.scheduler
+        return ddim_step(latents, output, self.alpha_bar(t), self.alpha_bar(self.prev_timestep(t)),
+                         scheduler.prediction_type, scheduler.clip_sample_range if scheduler.clip_sample else None)
+
+    def sample(self, noise: Tensor, lr: Tensor, warped_prev: Tensor | None) -> Tensor:
+        """Run the DDIM sampler from `noise` (z_T) and return the clean latents."""
+        latents = noise
+        for t in self.timesteps:
+            latents, _ = self.step(latents, self.denoise(latents, lr, t, warped_prev), t)
+        return latents
+
+    def upscale_frame(self, lr: Tensor, noise: Tensor, warped_prev: Tensor | None) -> Tensor:
+        """One frame: LR `(B, 3, h, w)` in `[-1, 1]` -> HR `(B, 3, 4h, 4w)` in `[-1, 1]` (unclamped).
+
+        Args:
+            lr: the LR frame, sizes multiples of `size_multiple`.
+            noise: initial latents `(B, 4, h, w)`.
+            warped_prev: the previous HR output warped to this frame, or None for the first frame.
+        """
+        latents = self.sample(noise, lr, warped_prev)
+        features = None if warped_prev is None else self.vae.temporal_features(warped_prev.to(latents.dtype))
+        return self.vae.decode(latents, features)
