@@ -13,6 +13,7 @@ from zoo.hub import import_object
 
 BENCHMARKS: dict[str, str] = {
     "io.iter_frames_memory": "zoo.bench.io:bench_iter_frames_memory",
+    "stream_diffvsr.memory": "zoo.bench.stream_diffvsr:bench_stream_memory",
 }
 
 
