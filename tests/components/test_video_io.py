@@ -501,3 +501,17 @@ def test_y4m_write_errors() -> None:
         write_y4m(io.BytesIO(), torch.rand(1, 3, 2, 2), 25, chroma="422")
     with pytest.raises(VideoWriteError, match="there are no frames"):
         write_y4m(io.BytesIO(), iter([]), 25)
+
+
+def test_outputs_get_the_usual_permissions_not_the_temporary_ones(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        video = write_video(tmp_path / "out.mp4", torch.rand(2, 3, 16, 16), fps=10)
+        folder = write_video(tmp_path / "frames", torch.rand(2, 3, 16, 16), fps=10)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(video.stat().st_mode) == 0o644
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755

@@ -485,6 +485,7 @@ def _write_frame_folder(folder: Path, pattern: str, arrays: Iterator[np.ndarray]
             else:
                 image.save(partial / (pattern % index), quality=95)
         # rename(2) replaces an empty folder atomically, so readers never see half the frames.
+        partial.chmod(_default_mode(0o777))
         os.replace(partial, folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -553,6 +554,7 @@ def _write_container(
         os.close(handle)
         try:
             _encode(Path(partial), arrays, settings, audio_source)
+            Path(partial).chmod(_default_mode(0o666))
             os.replace(partial, path)
         except BaseException:
             Path(partial).unlink(missing_ok=True)
@@ -560,6 +562,13 @@ def _write_container(
     finally:
         if audio_source is not None:
             audio_source.close()
+
+
+def _default_mode(mode: int) -> int:
+    """`mode` less the process umask: what `open()` would have given; temporary files are private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 @dataclass(frozen=True)
