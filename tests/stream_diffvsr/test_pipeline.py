@@ -236,3 +236,28 @@ def test_pretrained_raft_missing_raises_clearly(monkeypatch, tmp_path):
     monkeypatch.setattr(type(Raft_Small_Weights.DEFAULT), "get_state_dict", offline)
     with pytest.raises(RuntimeError, match="could not be downloaded"):
         FlowEstimator("small", pretrained=True)
+
+
+def test_zoo_upscale_streams_a_file_and_a_y4m_pipe(tmp_path, monkeypatch):
+    import io
+    import types
+    from fractions import Fraction
+
+    from zoo import cli
+    from zoo.components.video_io import iter_y4m, probe_video, write_video, write_y4m
+
+    frames = torch.rand(4, 3, 19, 27)
+    src = write_video(tmp_path / "in.mkv", frames, fps=Fraction(24000, 1001))
+    out = tmp_path / "out.mp4"
+    args = ["--model", "stream_diffvsr", "--random-weights", "--variant", "tiny"]
+    cli.zoo_main(["upscale", str(src), str(out), *args])
+    info = probe_video(out)
+    assert (info.width, info.height, info.num_frames, info.fps) == (108, 76, 4, Fraction(24000, 1001))
+
+    source, sink = io.BytesIO(), io.BytesIO()
+    write_y4m(source, frames.unbind(0), 25)
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(source.getvalue())))
+    monkeypatch.setattr("sys.stdout", types.SimpleNamespace(buffer=sink))
+    cli.zoo_main(["upscale", "-", "-", *args])
+    piped = iter_y4m(io.BytesIO(sink.getvalue()))
+    assert (piped.width, piped.height, piped.fps) == (108, 76, 25) and len(list(piped)) == 4
