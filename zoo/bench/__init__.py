@@ -13,17 +13,19 @@ from zoo.hub import import_object
 
 BENCHMARKS: dict[str, str] = {
     "io.iter_frames_memory": "zoo.bench.io:bench_iter_frames_memory",
-    "stream_diffvsr.memory": "zoo.bench.stream_diffvsr:bench_stream_memory",
+    "upscalers.stream_memory": "zoo.bench.upscalers:bench_stream_memory",
+    "upscalers.speed": "zoo.bench.upscalers:bench_speed",
 }
 
 
-def run_benchmark(name: str, **kwargs: Any) -> dict[str, Any]:
-    """Run the benchmark `name` with keyword arguments; unknown names or arguments raise ValueError."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS) or '(none)'}")
-    fn = import_object(BENCHMARKS[name])
+def run_benchmark(benchmark: str, /, **kwargs: Any) -> dict[str, Any]:
+    """Run `benchmark` with keyword arguments; unknown benchmarks or arguments raise ValueError."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS) or '(none)'}")
+    fn = import_object(BENCHMARKS[benchmark])
     params = inspect.signature(fn).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise ValueError(f"benchmark {name!r} takes no argument(s) {', '.join(unknown)}; it takes {', '.join(params)}")
-    return {"benchmark": name, **fn(**kwargs)}
+        raise ValueError(f"benchmark {benchmark!r} takes no argument(s) {', '.join(unknown)}; "
+                         f"it takes {', '.join(params)}")
+    return {"benchmark": benchmark, **fn(**kwargs)}

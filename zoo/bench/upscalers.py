@@ -1,0 +1,128 @@
+"""Benchmarks of any hub entry through the `VideoUpscaler` interface: speed and streaming memory.
+
+Networks are randomly initialised (`tiny` or `full`), so nothing is downloaded; RAFT gets random
+weights too, which costs the same as the published ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zoo.components.upscaler import VideoUpscaler
+from zoo.hub import upscaler_class
+
+_CHILD = """
+import resource, sys
+from zoo.bench.upscalers import stream_random_frames
+stream_random_frames(sys.argv[1], int(sys.argv[2]), sys.argv[3], (int(sys.argv[4]), int(sys.argv[5])), "cpu")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def random_upscaler(name: str, variant: str, device: str, dtype: torch.dtype = torch.float32) -> VideoUpscaler:
+    """The hub entry `name` at size `variant` with random weights (RAFT included), in eval mode."""
+    cls = upscaler_class(name)
+    config = getattr(cls.config_class, variant)()
+    if hasattr(config, "flow_pretrained"):
+        config = dataclasses.replace(config, flow_pretrained=False)
+    torch.manual_seed(0)
+    return cls(config).to(device=device, dtype=dtype).eval()
+
+
+def _random_frames(num_frames: int, size: tuple[int, int]):
+    generator = torch.Generator().manual_seed(1)
+    return (torch.rand(3, *size, generator=generator) for _ in range(num_frames))
+
+
+def stream_random_frames(name: str, num_frames: int, variant: str, size: tuple[int, int], device: str) -> None:
+    """Stream `num_frames` random LR frames of `size` through `name`, dropping the outputs.
+
+    Frames are made one at a time, so only the pipeline's own state persists between frames.
+    """
+    upscaler = random_upscaler(name, variant, device)
+    for _ in upscaler.stream(frame.to(device) for frame in _random_frames(num_frames, size)):
+        pass
+
+
+def _peak_cpu_bytes(name: str, num_frames: int, variant: str, size: tuple[int, int]) -> int:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    args = [name, str(num_frames), variant, str(size[0]), str(size[1])]
+    result = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True,
+                            env=env)
+    return int(result.stdout.strip().splitlines()[-1]) * 1024  # Linux reports ru_maxrss in KiB
+
+
+def _peak_cuda_bytes(name: str, num_frames: int, variant: str, size: tuple[int, int], device: str) -> int:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    stream_random_frames(name, num_frames, variant, size, device)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def bench_stream_memory(*, name: str = "stream_diffvsr", frames: tuple[int, int] = (16, 256), variant: str = "tiny",
+                        size: tuple[int, int] = (32, 48), device: str = "cpu") -> dict:
+    """Peak memory of streaming `frames[0]` vs `frames[1]` frames: `stream()` must not grow with length.
+
+    Args:
+        name: hub name.
+        frames: the short and the long stream's lengths.
+        variant: network size ("tiny" or "full"), random weights.
+        size: LR frame size (H, W).
+        device: "cpu" (peak RSS of a fresh subprocess per run, so one run cannot hide another's
+            peak) or a CUDA device (peak allocated memory).
+
+    Returns:
+        {"name", "device", "variant", "size", "frames", "peak_bytes": [short, long], "ratio"}.
+    """
+    if device == "cpu":
+        peaks = [_peak_cpu_bytes(name, n, variant, size) for n in frames]
+    else:
+        peaks = [_peak_cuda_bytes(name, n, variant, size, device) for n in frames]
+    return {"name": name, "device": device, "variant": variant, "size": list(size), "frames": list(frames),
+            "peak_bytes": peaks, "ratio": peaks[1] / peaks[0]}
+
+
+def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: int = 8,
+                size: tuple[int, int] = (64, 96), device: str = "cpu", dtype: str = "float32") -> dict:
+    """Latency of the first output frame and throughput of `stream()` over `frames` LR frames.
+
+    Args:
+        name: hub name.
+        variant: network size ("tiny" or "full"), random weights.
+        frames: frames streamed; the first output's latency is reported apart, the rest give the rate.
+        size: LR frame size (H, W).
+        device: "cpu" or a CUDA device.
+        dtype: parameter dtype ("float32", "bfloat16", "float16").
+
+    Returns:
+        {"name", "variant", "device", "dtype", "size", "frames", "first_frame_s", "seconds_per_frame",
+        "peak_cuda_bytes" (CUDA only)}.
+    """
+    if frames < 2:
+        raise ValueError(f"frames must be at least 2 (one for latency, the rest for the rate), got {frames}")
+    upscaler = random_upscaler(name, variant, device, getattr(torch, dtype))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    stamps = []
+    start = time.perf_counter()
+    for frame in upscaler.stream(f.to(device) for f in _random_frames(frames, size)):
+        if cuda:
+            torch.cuda.synchronize(device)
+        del frame
+        stamps.append(time.perf_counter())
+    result = {"name": name, "variant": variant, "device": device, "dtype": dtype, "size": list(size),
+              "frames": frames, "first_frame_s": stamps[0] - start,
+              "seconds_per_frame": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}
+    if cuda:
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
