@@ -10,7 +10,10 @@ import torch
 # Tests must never reach the network; loading code is exercised on folders the tests write.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One share of the cores per pytest-xdist worker: oversubscribed OpenMP threads spin against each
+# other and made single tests 25 times slower under `pytest -n 2`.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
