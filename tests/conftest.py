@@ -53,7 +53,7 @@ def _toy_classes():
     import torch.nn.functional as F
     from torch import nn
 
-    from zoo.components.module import ZooModule
+    from zoo.components.train.module import ZooModule
     from zoo.components.upscaler import VideoUpscaler
 
     @dataclasses.dataclass

@@ -174,7 +174,7 @@ def inside_frame(flow: torch.Tensor) -> torch.Tensor:
 
 
 def test_sample_clips_warp_to_previous_frame_inside_the_frame() -> None:
-    from zoo.components.data import sample_clips
+    from zoo.components.samples import sample_clips
 
     for clip in sample_clips(num_frames=3, size=(48, 64)):
         frames, flow = clip.frames, clip.flow
@@ -188,7 +188,7 @@ def test_sample_clips_warp_to_previous_frame_inside_the_frame() -> None:
 
 
 def test_occlusion_mask_flags_the_borders_of_the_sample_pan() -> None:
-    from zoo.components.data import sample_clips
+    from zoo.components.samples import sample_clips
 
     (clip,) = sample_clips(num_frames=3, size=(48, 64), names=["astronaut_pan"])
     flow_fw = clip.flow

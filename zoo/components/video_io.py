@@ -180,16 +180,28 @@ def _array_to_tensor(array: np.ndarray) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255).contiguous()
 
 
-def _natural_key(name: str) -> list[int | str]:
-    """Sort key that orders digit runs by value: `2.png` before `10.png`."""
+def natural_key(name: str) -> list[int | str]:
+    """Sort key that orders digit runs by value and ignores case: `2.png` before `10.PNG`."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
+def list_frame_files(folder: str | os.PathLike) -> list[Path]:
+    """The frame images (png/jpg/jpeg, any case) directly in `folder`, in natural order; may be empty."""
+    files = [p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def list_video_files(folder: str | os.PathLike) -> list[Path]:
+    """The video files (by extension, any case) directly in `folder`, in natural order; may be empty."""
+    files = [p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
 def _frame_files(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS]
+    files = list_frame_files(folder)
     if not files:
         raise VideoReadError(f"cannot read frame folder {folder}: it holds no .png/.jpg/.jpeg frames")
-    return sorted(files, key=lambda p: _natural_key(p.name))
+    return files
 
 
 def _image_header(file: Path, folder: Path) -> tuple[str, tuple[int, int]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoo.components.stages import Stage, StageSchedule
+from zoo.components.train.stages import Stage, StageSchedule
 
 GENERATOR_LORA = ["net.vae.*lora_*", "net.unet.*lora_*"]
 DISCRIMINATOR = ["discriminator.*"]

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from zoo.components.data import PairedVideoDataset, VSRDataModule, build_degradation
+from zoo.components.train.data import PairedVideoDataset, VSRDataModule, build_degradation
 
 
 class OSDiffVSRDataModule(VSRDataModule):
@@ -21,7 +21,7 @@ class OSDiffVSRDataModule(VSRDataModule):
         val_roots: HR validation roots, degraded with `val_degradation`; None uses the sample clips.
         val_lr_root: LR folder of a paired benchmark (overrides `val_roots` with `val_gt_root`).
         val_gt_root: GT folder of that benchmark.
-        val_layout: its layout (`zoo.components.data.PAIRED_LAYOUTS`).
+        val_layout: its layout (`zoo.components.train.data.PAIRED_LAYOUTS`).
         clip_length: frames per training clip (3: frame i and its two neighbours).
         crop_size: HR crop size.
         batch_size: training batch size.

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.components.flow import warp
-from zoo.components.losses import PerceptualLoss, masked_warp_loss
-from zoo.components.module import ZooModule
+from zoo.components.train.losses import PerceptualLoss, masked_warp_loss
+from zoo.components.train.module import ZooModule
 from zoo.components.upscaler import VideoUpscaler
 from zoo.osdiffvsr.callbacks import OSDiffVSRStage
 from zoo.osdiffvsr.network import (

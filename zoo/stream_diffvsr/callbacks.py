@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zoo.components.stages import Stage, StageSchedule
+from zoo.components.train.stages import Stage, StageSchedule
 
 # Parameter patterns (LightningModule names) trained by each stage.
 DISTILL_PARAMETERS = ["net.unet.*"]

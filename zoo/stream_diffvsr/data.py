@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zoo.components.data import VSRDataModule
+from zoo.components.train.data import VSRDataModule
 
 
 class StreamDiffVSRDataModule(VSRDataModule):
@@ -20,7 +20,7 @@ class StreamDiffVSRDataModule(VSRDataModule):
         crop_size: square HR crop, a multiple of 4 * 8 so LR latents fit the UNet.
         batch_size: clips per batch.
         num_workers: DataLoader workers.
-        degradation: degradation name (see `zoo.components.degradation`).
+        degradation: degradation name (see `zoo.components.train.degradation`).
         layout: dataset layout of the roots ("auto", "reds", "vimeo90k", ...).
         seed: seed of shuffling, augmentation and degradation.
     """

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.components.flow import FlowEstimator, resize_flow, warp
-from zoo.components.losses import PerceptualLoss
-from zoo.components.module import ZooModule
+from zoo.components.train.losses import PerceptualLoss
+from zoo.components.train.module import ZooModule
 from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet, ddim_step, ddim_timesteps, predict_x0_eps
 from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler, empty_prompt_embeds
 

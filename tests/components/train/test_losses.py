@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from zoo.components import losses
-from zoo.components.losses import (
+from zoo.components.train import losses
+from zoo.components.train.losses import (
     DISTS,
     LPIPS,
     PerceptualLoss,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from zoo.components.degradation import (
+from zoo.components.train.degradation import (
     BicubicDegradation,
     BlurDownDegradation,
     RealBasicVSRDegradation,

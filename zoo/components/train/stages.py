@@ -5,7 +5,7 @@ A recipe lists the stages; `StageSchedule` switches between them at step milesto
 ```yaml
 trainer:
   callbacks:
-    - class_path: zoo.components.stages.StageSchedule
+    - class_path: zoo.components.train.stages.StageSchedule
       init_args:
         stages:
           - {name: afat, steps: 20000, trainable: ["net.unet.*lora*"], loss_weights: {l2: 1.0, lpips: 2.0}, lr: 5.0e-5}
@@ -14,6 +14,8 @@ trainer:
 
 The contract with the LightningModule:
 
+- The module declares `loss_names`, every loss it can compute; a stage weighting any other name is a
+  `ValueError` when training starts, so a typo never silently turns a loss off.
 - The callback sets `pl_module.stage` (the active `Stage`) and `pl_module.loss_weights` (its dict; a loss
   missing from it is off) and leaves `requires_grad` True on exactly the parameters whose
   `named_parameters()` names match the stage's `trainable` patterns (fnmatch; `*` also crosses dots).
@@ -130,7 +132,14 @@ class StageSchedule(Callback):
         ):
             raise ValueError(f"StageSchedule supports single-device and DDP strategies, got {type(strategy).__name__}")
         names = [name for name, _ in pl_module.named_parameters()]
+        known_losses = tuple(pl_module.loss_names)
         for schedule_stage in self.stages:
+            unknown = sorted(set(schedule_stage.loss_weights) - set(known_losses))
+            if unknown:
+                raise ValueError(
+                    f"stage {schedule_stage.name!r} weights unknown loss(es) {', '.join(unknown)}; "
+                    f"{type(pl_module).__name__} computes {', '.join(known_losses)}"
+                )
             for pattern in schedule_stage.trainable:
                 if not fnmatch.filter(names, pattern):
                     raise ValueError(

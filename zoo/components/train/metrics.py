@@ -4,7 +4,7 @@ Clips are `(T, 3, H, W)` in `[0, 1]`; `pred` is the restored clip, `gt` the grou
 
 Image metrics
     PSNR and SSIM (torchmetrics; RGB or the BT.601 luma used in the SR literature, with an
-    optional crop border), LPIPS and DISTS (`zoo.components.losses`), and the no-reference MUSIQ,
+    optional crop border), LPIPS and DISTS (`zoo.components.train.losses`), and the no-reference MUSIQ,
     CLIP-IQA, MANIQA, NIQE, BRISQUE and NRQM through pyiqa. Each is computed per frame and averaged
     over the frames of a clip.
 
@@ -33,7 +33,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from zoo.components.flow import FlowEstimator, FlowFn, consecutive_flows, valid_mask, warp
-from zoo.components.losses import DISTS, LPIPS
+from zoo.components.train.losses import DISTS, LPIPS
 
 
 class PerceptualDistance(Protocol):

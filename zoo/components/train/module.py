@@ -19,6 +19,8 @@ class ZooModule(LightningModule):
     """Base LightningModule of the zoo; subclasses hold their networks in `self.net`."""
 
     hub_name: ClassVar[str]
+    loss_names: ClassVar[tuple[str, ...]]
+    """Every loss the module can compute; stages may weight only these (`StageSchedule` checks)."""
 
     def to_upscaler(self) -> VideoUpscaler:
         """The inference `VideoUpscaler` carrying this module's current weights."""

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from zoo.components.flow import GroundTruthFlow
-from zoo.components.losses import LPIPS
-from zoo.components.metrics import (
+from zoo.components.train.losses import LPIPS
+from zoo.components.train.metrics import (
     VideoMetrics,
     flolpips,
     psnr,
@@ -117,7 +117,7 @@ def test_warping_error_zero_for_pure_warp_and_4a2_with_flicker() -> None:
 
 
 def test_warping_error_on_sample_pan_with_ground_truth_flow() -> None:
-    from zoo.components.data import sample_clips
+    from zoo.components.samples import sample_clips
 
     clip = sample_clips(num_frames=4, size=(48, 64), names=["astronaut_pan"])[0]
     # A pure pan: the backward flow is the negated forward flow. Sub-pixel motion leaves a small

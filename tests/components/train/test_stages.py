@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo.components.stages import Stage, StageSchedule
+from zoo.components.train.stages import Stage, StageSchedule
 
 # Identical batches: a resumed run sees the same data as an uninterrupted one wherever it restarts the epoch.
 DATA = TensorDataset(torch.ones(64, 2))
@@ -38,6 +38,8 @@ def trainer(max_steps: int, schedule: StageSchedule, tmp_path) -> Trainer:
 
 class ThreeLayers(LightningModule):
     """Three Linear submodules; records, at every step, what the schedule made of it."""
+
+    loss_names = ("l2", "lpips")
 
     def __init__(self) -> None:
         super().__init__()
@@ -230,6 +232,8 @@ def test_ddp_module_is_rewrapped_at_a_switch(tmp_path, monkeypatch: pytest.Monke
 class TinyGAN(LightningModule):
     """Manual optimization: generator AdamW (stage LR), discriminator SGD with momentum, alternating."""
 
+    loss_names = ("l2", "lpips")
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -296,7 +300,7 @@ trainer:
   logger: false
   default_root_dir: {tmp_path}
   callbacks:
-    - class_path: zoo.components.stages.StageSchedule
+    - class_path: zoo.components.train.stages.StageSchedule
       init_args:
         stages:
           - name: afat
