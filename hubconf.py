@@ -1,9 +1,10 @@
-"""torch.hub entry points: `torch.hub.load("<org>/vsr-zoo", "stream_diffvsr")`.
+"""torch.hub entry points: `torch.hub.load("vsr-zoo/vsr-zoo", "stream_diffvsr")`.
 
 Every entry returns a `zoo.VideoUpscaler`; see `zoo.hub.load` for the arguments.
 """
 
-dependencies = ["torch", "torchvision", "diffusers", "peft", "huggingface_hub", "safetensors", "av"]
+# What inference imports (torch.hub checks these are installed before loading an entry).
+dependencies = ["torch", "torchvision", "diffusers", "transformers", "peft", "huggingface_hub", "safetensors", "av"]
 
 from zoo.hub import load as _load
 
@@ -17,14 +18,3 @@ def stream_diffvsr(*, pretrained=True, variant="full", weights=None, device=None
     """Stream-DiffVSR: causal streaming x4 VSR, 4-step DDIM with auto-regressive temporal guidance."""
     return _load("stream_diffvsr", pretrained=pretrained, variant=variant, weights=weights, device=device,
                  dtype=dtype)
-
-
-def osdenhancer(*, pretrained=True, variant="full", weights=None, device=None, dtype=None):
-    """OSDEnhancer: one-step space-time VSR on CogVideoX1.5 with temporal and spatial LoRA experts."""
-    return _load("osdenhancer", pretrained=pretrained, variant=variant, weights=weights, device=device,
-                 dtype=dtype)
-
-
-def pssr(*, pretrained=True, variant="full", weights=None, device=None, dtype=None):
-    """PS-SR: pseudo-single-step speculative diffusion VSR on Wan2.1 with a pruned draft model."""
-    return _load("pssr", pretrained=pretrained, variant=variant, weights=weights, device=device, dtype=dtype)

@@ -12,10 +12,9 @@ import zoo.hub as hub
 
 
 def test_registry_names_and_official_repos():
-    assert hub.list_models() == ["osdiffvsr", "stream_diffvsr", "osdenhancer", "pssr"]
+    assert hub.list_models()[:2] == ["osdiffvsr", "stream_diffvsr"]
     assert hub.REGISTRY["stream_diffvsr"].repo_id == "Jamichsu/Stream-DiffVSR"
-    assert hub.REGISTRY["osdenhancer"].repo_id == "W-Shuoyan/OSDEnhancer"
-    assert hub.REGISTRY["osdiffvsr"].repo_id is None and hub.REGISTRY["pssr"].repo_id is None
+    assert hub.REGISTRY["osdiffvsr"].repo_id is None
     for cfg in hub.REGISTRY.values():
         assert cfg.base_models and cfg.license == "apache-2.0"
         assert cfg.upscaler.count(":") == 1 and cfg.module.count(":") == 1
@@ -26,13 +25,22 @@ def test_unknown_name_lists_the_known_ones():
         zoo.load("nope")
 
 
-def test_unimplemented_paper_raises_not_implemented(monkeypatch):
-    cfg = hub.PretrainedCfg(paper="Future-VSR", paradigm="", upscaler="zoo.future_vsr.pipeline:X",
-                            module="zoo.future_vsr.module:Y", recipe="recipes/future.yaml", repo_id=None)
-    monkeypatch.setitem(hub.REGISTRY, "future", cfg)
-    with pytest.raises(NotImplementedError, match=r"^Future-VSR is not implemented in this zoo yet$"):
-        hub.load("future", pretrained=False)
-    assert not hub.is_implemented("future")
+def test_a_missing_module_inside_a_paper_is_not_disguised(monkeypatch):
+    # A registered entry whose code fails to import is a bug: the import error reaches the caller as is.
+    cfg = hub.PretrainedCfg(paper="Broken-VSR", paradigm="", upscaler="zoo.broken_vsr.pipeline:X",
+                            module="zoo.broken_vsr.module:Y", recipe="recipes/broken.yaml", repo_id=None)
+    monkeypatch.setitem(hub.REGISTRY, "broken", cfg)
+    with pytest.raises(ModuleNotFoundError, match=r"zoo\.broken_vsr"):
+        hub.load("broken", pretrained=False)
+
+
+def test_every_registered_entry_has_its_recipes_and_card():
+    from zoo.assets import asset_dir
+
+    for name, cfg in hub.REGISTRY.items():
+        assert asset_dir("recipes").joinpath(cfg.recipe.removeprefix("recipes/")).is_file(), cfg.recipe
+        assert asset_dir("recipes").joinpath("tiny", cfg.recipe.removeprefix("recipes/")).is_file(), name
+        assert asset_dir("model_cards").joinpath(f"{name}.md").is_file(), name
 
 
 def test_random_init_variants(toy):
@@ -106,8 +114,8 @@ def test_weights_that_are_neither_folder_nor_repo(toy, tmp_path):
 def test_folder_for_another_model_is_rejected(toy, tmp_path):
     folder = hub.load("toy", pretrained=False, variant="tiny").save_pretrained(tmp_path / "w")
     meta = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**meta, "hub_name": "pssr"}))
-    with pytest.raises(ValueError, match="holds weights for 'pssr', not 'toy'"):
+    (folder / "config.json").write_text(json.dumps({**meta, "hub_name": "stream_diffvsr"}))
+    with pytest.raises(ValueError, match="holds weights for 'stream_diffvsr', not 'toy'"):
         hub.load("toy", weights=folder)
     (folder / "config.json").write_text(json.dumps(meta))
     (folder / "model.safetensors").unlink()
@@ -157,7 +165,7 @@ def test_every_model_card_renders_and_validates(name):
 def test_validate_card_rejects_bad_metadata_and_order():
     from huggingface_hub import ModelCard
 
-    good = str(hub.render_card("pssr"))
+    good = str(hub.render_card("osdiffvsr"))
     hub.validate_card(ModelCard(good))
     without_metrics = ModelCard(good.replace("metrics:\n", "unused:\n", 1))
     with pytest.raises(ValueError, match="metadata lacks metrics"):

@@ -1,4 +1,4 @@
-"""hubconf.py: torch.hub lists exactly the four entries, with docstrings, keyword-only arguments.
+"""hubconf.py: torch.hub lists exactly the registry's entries, with docstrings, keyword-only arguments.
 
 torch.hub.list/help take `source="local"` only in some torch releases (2.15 reads GitHub only), so
 the listing is also checked with torch.hub's own rule on the module torch.hub imports.
@@ -54,5 +54,5 @@ def test_entrypoints_delegate_to_hub_load(monkeypatch):
 
 def test_torch_hub_load_local_reaches_the_registry():
     with pytest.raises(ValueError, match="variant must be 'tiny' or 'full'"):
-        torch.hub.load(str(REPO), "pssr" if hub.is_implemented("pssr") else "stream_diffvsr", source="local",
+        torch.hub.load(str(REPO), "stream_diffvsr", source="local",
                        pretrained=False, variant="bogus")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,18 +44,51 @@ def _with_packaged_recipes(args: Sequence[str]) -> list[str]:
     return args
 
 
+# Messages of other libraries that say nothing to a zoo user: the recipes freeze modules on purpose
+# (eval-mode modules); jsonargparse and torch deprecations come from Lightning's own code, not the recipe.
+QUIET_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"\s*skip_none parameter was deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips (e.g. for its cloud logger) from its info log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+
+def quiet_third_party() -> None:
+    """Silence what other libraries print that is not the user's business; real warnings stay."""
+    import warnings
+
+    # bitsandbytes (installed with the eval extra) logs about optional CPU kernels when peft imports it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def lightning_main(args: Sequence[str] | None = None) -> None:
     """`lightning fit|validate|test|predict`: LightningCLI over the zoo's modules and datamodules."""
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
+    quiet_third_party()
+    try:
+        from lightning.pytorch import LightningDataModule, LightningModule
+        from lightning.pytorch.cli import LightningCLI
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"lightning: error: training needs the train extra ({err.name} is not installed): "
+                         f"pip install 'vsr-zoo[train]'") from None
 
-    args = _with_packaged_recipes(sys.argv[1:] if args is None else args)
+    # LightningCLI reads sys.argv; the command line is handed over there (with packaged recipe paths
+    # resolved) rather than as `args`, which Lightning would flag as given twice.
+    sys.argv = [sys.argv[0], *_with_packaged_recipes(sys.argv[1:] if args is None else args)]
     LightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lightning"},
     )
@@ -63,12 +97,11 @@ def lightning_main(args: Sequence[str] | None = None) -> None:
 # zoo tools --------------------------------------------------------------------------------
 
 def _hub_list(_: argparse.Namespace) -> None:
-    from zoo.hub import REGISTRY, is_implemented
+    from zoo.hub import REGISTRY
 
-    rows = [("name", "paper", "weights", "license", "status")]
+    rows = [("name", "paper", "weights", "license")]
     for name, cfg in REGISTRY.items():
-        status = "ready" if is_implemented(name) else "not implemented"
-        rows.append((name, cfg.paper, cfg.repo_id or "(train with " + cfg.recipe + ")", cfg.license, status))
+        rows.append((name, cfg.paper, cfg.repo_id or "(train with " + cfg.recipe + ")", cfg.license))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -96,12 +129,6 @@ def _hub_card(ns: argparse.Namespace) -> None:
     from zoo.hub import render_card
 
     print(render_card(ns.name, repo_id=ns.repo_id))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_output(output: str) -> None:
@@ -132,9 +159,10 @@ def _upscale(ns: argparse.Namespace) -> None:
     else:
         fps = video_io.probe_video(ns.input).fps
         frames = video_io.iter_frames(ns.input)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
     model = load(ns.model, pretrained=not ns.random_weights, variant=ns.variant, weights=ns.weights,
-                 device=ns.device, dtype=getattr(torch, ns.dtype))
-    lr = (frame.to(ns.device, model.dtype) for frame in frames)
+                 device=device, dtype=getattr(torch, ns.dtype))
+    lr = (frame.to(device, model.dtype) for frame in frames)
     hr = (frame.float().clamp(0, 1).cpu() for frame in model.stream(lr))
     out_fps = fps * model.temporal_scale
     if ns.output == "-":
@@ -147,11 +175,12 @@ def _bench(ns: argparse.Namespace) -> None:
     import ast
     import json
 
-    from zoo.bench import BENCHMARKS, run_benchmark
+    from zoo.bench import BENCHMARKS, describe, run_benchmark
 
     if ns.name is None:
-        for name, target in BENCHMARKS.items():
-            print(f"{name}  ({target})")
+        width = max(map(len, BENCHMARKS))
+        for name in BENCHMARKS:
+            print(f"{name.ljust(width)}  {describe(name)}")
         return
     kwargs = {}
     for item in ns.arg:
@@ -218,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="full", choices=("full", "tiny"),
                    help="network size with --random-weights")
     p.add_argument("--random-weights", action="store_true", help="random init instead of pretrained weights")
-    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better)")
     p.set_defaults(run=_upscale)
@@ -232,12 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can cause (bad paths, bad videos, missing weights): one line, exit 1.
-USER_ERRORS = (ValueError, OSError, NotImplementedError, KeyError)
+# Errors a user can cause (bad paths, bad videos, missing weights): their message, exit 1. Anything
+# else is a bug of ours and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 def zoo_main(args: Sequence[str] | None = None) -> None:
     """The `zoo` command."""
+    quiet_third_party()
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
         lightning_main(args)
@@ -250,6 +281,6 @@ def zoo_main(args: Sequence[str] | None = None) -> None:
         sys.stderr.close()
         raise SystemExit(0) from None
     except USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = str(err).strip() or type(err).__name__
         print(f"zoo: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None

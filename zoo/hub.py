@@ -1,8 +1,9 @@
 """Weights registry, loading from the Hugging Face Hub or local folders, export, push and cards.
 
 `REGISTRY` is the one place that says, for every hub name, which paper it is, where its weights
-live and under which licence. Downloads go through `huggingface_hub`; weights are safetensors.
-This module never imports the training stack.
+live and under which licence: an entry exists exactly when its paper is in this zoo. Downloads go
+through `huggingface_hub`; weights are safetensors. This module never imports the training stack,
+and importing it imports neither torch nor any model code, so listing, help and cards are quick.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from zoo.assets import asset_dir
 
 if TYPE_CHECKING:
+    import torch
     from huggingface_hub import ModelCard
 
     from zoo.components.upscaler import VideoUpscaler
@@ -77,26 +77,10 @@ REGISTRY: dict[str, PretrainedCfg] = {
         files=("controlnet/*", "unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*"),
         base_models=("stabilityai/stable-diffusion-x4-upscaler",),
     ),
-    "osdenhancer": PretrainedCfg(
-        paper="OSDEnhancer",
-        paradigm="one-step space-time VSR with temporal/spatial LoRA experts",
-        upscaler="zoo.osdenhancer.pipeline:OSDEnhancerUpscaler",
-        module="zoo.osdenhancer.module:OSDEnhancerModule",
-        recipe="recipes/osdenhancer.yaml",
-        repo_id="W-Shuoyan/OSDEnhancer",
-        files=("transformer/*", "vae/*", "scheduler/*", "prompt_embeddings/*"),
-        base_models=("zai-org/CogVideoX1.5-5B",),
-    ),
-    "pssr": PretrainedCfg(
-        paper="PS-SR",
-        paradigm="pseudo-single-step speculative diffusion with a pruned draft model",
-        upscaler="zoo.pssr.pipeline:PSSRUpscaler",
-        module="zoo.pssr.module:PSSRModule",
-        recipe="recipes/pssr.yaml",
-        repo_id=None,
-        base_models=("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",),
-    ),
 }
+
+GITHUB_REPO = "vsr-zoo/vsr-zoo"
+"""The zoo's code on GitHub, as `torch.hub.load(GITHUB_REPO, name)` takes it."""
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -125,25 +109,8 @@ def import_object(path: str) -> Any:
 
 
 def upscaler_class(name: str) -> type[VideoUpscaler]:
-    """The `VideoUpscaler` subclass of `name`; `NotImplementedError` while its paper is not in the zoo."""
-    cfg = get_cfg(name)
-    module = cfg.upscaler.partition(":")[0]
-    try:
-        return import_object(cfg.upscaler)
-    except ModuleNotFoundError as err:
-        # Only a missing paper package means "not implemented"; any other missing module is a bug.
-        if err.name is None or not module.startswith(err.name):
-            raise
-        raise NotImplementedError(f"{cfg.paper} is not implemented in this zoo yet") from None
-
-
-def is_implemented(name: str) -> bool:
-    """Whether the paper behind `name` is in this zoo."""
-    try:
-        upscaler_class(name)
-    except NotImplementedError:
-        return False
-    return True
+    """The `VideoUpscaler` subclass registered as `name`."""
+    return import_object(get_cfg(name).upscaler)
 
 
 def resolve_weights(weights: str | os.PathLike, *, revision: str | None = None,
@@ -171,12 +138,16 @@ def resolve_weights(weights: str | os.PathLike, *, revision: str | None = None,
     try:
         folder = snapshot_download(ref, revision=revision, allow_patterns=list(allow_patterns or ()) or None,
                                    local_dir=local_dir)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+    except LocalEntryNotFoundError:
         raise WeightsUnavailableError(
-            f"could not download {ref!r} from the Hugging Face Hub ({type(err).__name__}); with no network "
-            f"or HF_HUB_OFFLINE=1 only cached files are used, so download it where a network is available "
-            f"or pass a local folder with weights=PATH"
+            f"{ref!r} is not in the Hugging Face cache and the Hub cannot be reached (no network, or "
+            f"HF_HUB_OFFLINE=1); download it where a network is available, or pass a local folder with "
+            f"weights=PATH"
         ) from None
+    except HfHubHTTPError as err:
+        # Missing, gated or private repos and revisions: the Hub's own first line says which.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsUnavailableError(f"the Hugging Face Hub refused {ref!r}: {reason}") from None
     return Path(folder)
 
 
@@ -212,7 +183,10 @@ def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: 
         device: where to put the model.
         dtype: parameter dtype, e.g. `torch.bfloat16`.
     """
+    from zoo.components.upscaler import check_variant
+
     cfg = get_cfg(name)
+    check_variant(variant)
     cls = upscaler_class(name)
     if weights is not None:
         model = cls.from_pretrained(resolve_weights(weights))
@@ -243,14 +217,20 @@ def card_template(name: str) -> str:
 
 
 def render_card(name: str, *, repo_id: str | None = None) -> ModelCard:
-    """Render `model_cards/<name>.md` with `huggingface_hub.ModelCard` (Jinja2 variables filled)."""
+    """Render `model_cards/<name>.md` with `huggingface_hub.ModelCard` (Jinja2 variables filled).
+
+    Args:
+        name: the hub name.
+        repo_id: the Hub repo the card describes; the registry's, else (an export not yet pushed)
+            the exported folder, named as `weights=` takes it.
+    """
     from huggingface_hub import ModelCard
 
     cfg = get_cfg(name)
     template = ModelCard(card_template(name))  # splits the YAML front matter from the body
     return ModelCard.from_template(
         template.data, template_str="---\n{{ card_data }}\n---\n" + template.text, name=name, cfg=cfg,
-        repo_id=repo_id or cfg.repo_id or f"<your-org>/{name}",
+        repo_id=repo_id or cfg.repo_id or "path/to/exported", github=GITHUB_REPO,
     )
 
 
@@ -293,9 +273,15 @@ def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, *, rep
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    import pickle
+
+    import torch
+
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types; report one sentence.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        # weights_only=True refuses foreign pickles (UnpicklingError); torch's zip reader raises
+        # RuntimeError on a damaged archive and EOFError on a truncated one.
         raise ValueError(f"{ckpt} is not a readable Lightning checkpoint ({type(err).__name__})") from None
     name = state.get("zoo", {}).get("hub_name") if isinstance(state, dict) else None
     if name is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zoo.bench import BENCHMARKS, run_benchmark
-from zoo.hub import is_implemented, list_models
+from zoo.hub import list_models
 
 
 def test_every_registered_benchmark_imports():
@@ -15,7 +15,7 @@ def test_every_registered_benchmark_imports():
         assert callable(import_object(target))
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if is_implemented(n)])
+@pytest.mark.parametrize("name", list_models())
 def test_speed_streams_every_frame(name):
     result = run_benchmark("upscalers.speed", name=name, frames=3, size=(16, 24))
     assert result["benchmark"] == "upscalers.speed" and result["frames"] == 3

@@ -41,7 +41,7 @@ def test_full_config_matches_published_sd21_base(key: str, ours: dict) -> None:
 def test_one_step_coefficients_match_scaled_linear_schedule_by_hand() -> None:
     betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=np.float64) ** 2
     abar = np.cumprod(1 - betas)[999]
-    alpha_t, beta_t = one_step_coefficients(999)
+    alpha_t, beta_t = one_step_coefficients(OSDiffVSRConfig().scheduler, 999)
     # diffusers computes the schedule in float32.
     assert alpha_t == pytest.approx(math.sqrt(abar), rel=1e-4)
     assert beta_t == pytest.approx(math.sqrt(1 - abar), rel=1e-6)

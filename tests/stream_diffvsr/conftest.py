@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from zoo.stream_diffvsr.network import TinyAutoencoderConfig
 
-
-def _official_vae_keys(config: TinyAutoencoderConfig) -> set[str]:
+def _official_vae_keys(config: dict[str, Any]) -> set[str]:
     """Parameter names of the official TemporalAutoencoderTiny (temporal_autoencoder/), enumerated
     from its layer lists: EncoderTiny.layers and TemporalDecoderTiny.layers."""
 
@@ -20,7 +19,7 @@ def _official_vae_keys(config: TinyAutoencoderConfig) -> set[str]:
         return names
 
     keys, i = [], 0
-    for stage, blocks in enumerate(config.num_encoder_blocks):
+    for stage, blocks in enumerate(config["num_encoder_blocks"]):
         keys += [f"encoder.layers.{i}.weight"] + ([f"encoder.layers.{i}.bias"] if stage == 0 else [])
         i += 1
         for _ in range(blocks):
@@ -29,8 +28,8 @@ def _official_vae_keys(config: TinyAutoencoderConfig) -> set[str]:
     keys += [f"encoder.layers.{i}.weight", f"encoder.layers.{i}.bias"]
     keys += ["decoder.layers.0.weight", "decoder.layers.0.bias"]
     i = 2  # conv, activation
-    last = len(config.num_decoder_blocks) - 1
-    for stage, blocks in enumerate(config.num_decoder_blocks):
+    last = len(config["num_decoder_blocks"]) - 1
+    for stage, blocks in enumerate(config["num_decoder_blocks"]):
         for _ in range(blocks):
             keys += block(f"decoder.layers.{i}")
             i += 1
@@ -42,5 +41,5 @@ def _official_vae_keys(config: TinyAutoencoderConfig) -> set[str]:
 
 
 @pytest.fixture
-def official_vae_keys() -> Callable[[TinyAutoencoderConfig], set[str]]:
+def official_vae_keys() -> Callable[[dict[str, Any]], set[str]]:
     return _official_vae_keys

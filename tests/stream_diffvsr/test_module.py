@@ -17,7 +17,6 @@ from zoo.stream_diffvsr.data import StreamDiffVSRDataModule
 from zoo.stream_diffvsr.module import StreamDiffVSRModule, warped_temporal_loss
 
 REPO_ROOT = Path(__file__).parents[2]
-TINY_RECIPE = REPO_ROOT / "recipes" / "tiny" / "stream.yaml"
 
 
 def test_warped_temporal_loss_by_hand():
@@ -36,24 +35,20 @@ def test_warped_temporal_loss_by_hand():
     assert warped_temporal_loss(full(5.0), prev, zeros, zeros, flow).item() == pytest.approx(3.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_fit(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("stream_fit")
-    lightning_main(["fit", "-c", str(TINY_RECIPE), f"--trainer.default_root_dir={root}"])
-    return root
-
-
-def test_tiny_recipe_runs_all_stages_and_exports(tiny_fit, tmp_path):
-    checkpoints = sorted(tiny_fit.rglob("*.ckpt"))
-    assert checkpoints, "the tiny fit wrote no checkpoint"
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
+def test_tiny_recipe_runs_all_stages_and_exports(tmp_path, monkeypatch):
+    # The README's commands, verbatim, from a folder that is not the checkout.
+    monkeypatch.chdir(tmp_path)
+    lightning_main(["fit", "-c", "recipes/tiny/stream.yaml"])
+    ckpt = Path("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert (tmp_path / "lightning_logs/version_0/config.yaml").is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert any(v.get("name") == "artg" for v in state["callbacks"].values() if isinstance(v, dict))
 
-    folder = zoo.hub.export_checkpoint(checkpoints[-1], tmp_path / "export")
+    folder = zoo.hub.export_checkpoint(ckpt, tmp_path / "export")
     assert (folder / "README.md").is_file() and (folder / "unet" / "config.json").is_file()
     hub = torch.hub.load(str(REPO_ROOT), "stream_diffvsr", source="local", weights=str(folder))
-    module = StreamDiffVSRModule.load_from_checkpoint(checkpoints[-1], map_location="cpu", weights_only=True)
+    module = StreamDiffVSRModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     video = torch.rand(3, 3, 16, 24)
     assert torch.equal(hub(video), module.to_upscaler()(video))
 

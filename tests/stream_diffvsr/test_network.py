@@ -1,4 +1,4 @@
-"""Stream-DiffVSR networks: DDIM equations, TPM block, configs and official parameter names."""
+"""Stream-DiffVSR networks: the DDIM wiring, TPM block, configs and official parameter names."""
 
 from __future__ import annotations
 
@@ -8,76 +8,44 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from zoo.stream_diffvsr.network import (
-    DDIMConfig,
+    TINY_AUTOENCODER_X4,
     StreamDiffVSRConfig,
     StreamDiffVSRNet,
     TemporalAutoencoderTiny,
     TemporalTinyBlock,
-    TinyAutoencoderConfig,
-    ddim_step,
-    ddim_timesteps,
-    predict_x0_eps,
 )
 
 BASE_CONFIGS = Path(__file__).parents[2] / ".." / "shared" / "base_configs.json"
 
 
-def test_v_prediction_conversion_by_hand():
-    # ᾱ = 0.64: √ᾱ = 0.8, √(1-ᾱ) = 0.6; z = 1, v = 0.5.
-    z, v = torch.tensor([1.0]), torch.tensor([0.5])
-    x0, eps = predict_x0_eps(z, v, 0.64, "v_prediction")
-    assert x0.item() == pytest.approx(0.8 * 1 - 0.6 * 0.5)  # 0.5
-    assert eps.item() == pytest.approx(0.8 * 0.5 + 0.6 * 1)  # 1.0
-    # and back: z = √ᾱ x0 + √(1-ᾱ) eps.
-    assert (0.8 * x0 + 0.6 * eps).item() == pytest.approx(1.0)
-
-
-def test_epsilon_and_sample_conversions_by_hand():
-    z = torch.tensor([2.0])
-    x0, eps = predict_x0_eps(z, torch.tensor([1.0]), 0.64, "epsilon")
-    assert (x0.item(), eps.item()) == pytest.approx(((2 - 0.6) / 0.8, 1.0))
-    x0, eps = predict_x0_eps(z, torch.tensor([1.0]), 0.64, "sample")
-    assert (x0.item(), eps.item()) == pytest.approx((1.0, (2 - 0.8) / 0.6))
-
-
-def test_ddim_step_by_hand():
-    # ᾱ_t = 0.64, ᾱ_prev = 0.36, v-prediction: x0 = 0.5, eps = 1.0 (above);
-    # z_prev = √0.36 · 0.5 + √0.64 · 1.0 = 0.3 + 0.8 = 1.1.
-    prev, x0 = ddim_step(torch.tensor([1.0]), torch.tensor([0.5]), 0.64, 0.36, "v_prediction")
-    assert prev.item() == pytest.approx(1.1)
-    assert x0.item() == pytest.approx(0.5)
-
-
-@pytest.mark.parametrize(("spacing", "clip"), [("leading", False), ("trailing", False), ("linspace", True)])
-def test_timesteps_and_steps_match_diffusers(spacing, clip):
-    config = DDIMConfig(timestep_spacing=spacing, clip_sample=clip, clip_sample_range=0.5)
-    reference = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
-                              prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1,
-                              clip_sample=clip, clip_sample_range=0.5, timestep_spacing=spacing)
-    reference.set_timesteps(4)
-    assert ddim_timesteps(config, 4) == reference.timesteps.tolist()
-    net = StreamDiffVSRNet(StreamDiffVSRConfig.tiny())
-    net.config.scheduler = config
-    torch.manual_seed(0)
-    sample, output = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
-    for t in reference.timesteps.tolist():
-        expected = reference.step(output, t, sample).prev_sample
-        got, _ = net.step(sample, output, t)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_clipped_ddim_step_by_hand():
-    # ᾱ_t = 0.64, z = 2, v = -1: x0 = 0.8·2 + 0.6 = 2.2 -> clamped to 1; eps = -0.8 + 1.2 = 0.4;
-    # z_prev (ᾱ_prev = 0.36) = 0.6·1 + 0.8·0.4 = 0.92.
-    prev, x0 = ddim_step(torch.tensor([2.0]), torch.tensor([-1.0]), 0.64, 0.36, "v_prediction", clip_range=1.0)
-    assert (prev.item(), x0.item()) == pytest.approx((0.92, 1.0))
-
-
 def test_paper_rollout_timesteps():
-    assert ddim_timesteps(DDIMConfig(), 4) == [999, 749, 499, 249]
+    assert StreamDiffVSRNet(StreamDiffVSRConfig.tiny()).timesteps == [999, 749, 499, 249]
+
+
+def test_step_is_ddim_with_v_prediction_by_hand():
+    net = StreamDiffVSRNet(StreamDiffVSRConfig.tiny())
+    abar = net.scheduler.alphas_cumprod.double()
+    z, v = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.25]])
+    for t, prev_t in [(999, 749), (749, 499), (249, -1)]:
+        a_t = abar[t]
+        # t < 0 is past the last step: ᾱ_0, since the x4 schedule has set_alpha_to_one = False.
+        a_prev = abar[prev_t] if prev_t >= 0 else abar[0]
+        x0 = a_t.sqrt() * z.double() - (1 - a_t).sqrt() * v.double()  # v = √ᾱ ε − √(1−ᾱ) x0
+        eps = a_t.sqrt() * v.double() + (1 - a_t).sqrt() * z.double()
+        expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # DDIM (eta = 0), Song et al. Eq. (12)
+        prev, pred_x0 = net.step(v, t, z)
+        torch.testing.assert_close(pred_x0.double(), x0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(prev.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sampler_runs_the_scheduler_steps_in_order(monkeypatch):
+    net = StreamDiffVSRNet(StreamDiffVSRConfig.tiny())
+    seen = []
+    monkeypatch.setattr(net, "denoise", lambda latents, lr, t, warped: seen.append(t) or torch.zeros_like(latents))
+    net.sample(torch.ones(1, 4, 2, 2), torch.zeros(1, 3, 2, 2), None)
+    assert seen == [999, 749, 499, 249]
 
 
 def _constant_block(bias: float) -> TemporalTinyBlock:
@@ -122,17 +90,16 @@ def test_tpm_pools_4x4_and_upsamples_bilinearly():
     assert f[0, 0, 0, 0].item() == pytest.approx(0.0) and f[0, 0, 0, -1].item() == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("config", [TinyAutoencoderConfig(), StreamDiffVSRConfig.tiny().vae])
+@pytest.mark.parametrize("config", [TINY_AUTOENCODER_X4, StreamDiffVSRConfig.tiny().vae])
 def test_vae_parameter_names_match_official(config, official_vae_keys):
-    vae = TemporalAutoencoderTiny(config)
+    vae = TemporalAutoencoderTiny(**config)
     assert set(vae.state_dict()) == official_vae_keys(config)
     # The official `vae/` layout: 3 stages, x4, with encoder features pairing the decoder blocks.
     assert vae.downscale == 4
 
 
 def test_encoder_features_pair_with_decoder_blocks():
-    vae = TemporalAutoencoderTiny(TinyAutoencoderConfig(encoder_block_out_channels=(4, 4, 4),
-                                                        decoder_block_out_channels=(4, 4, 4)))
+    vae = TemporalAutoencoderTiny(encoder_block_out_channels=(4, 4, 4), decoder_block_out_channels=(4, 4, 4))
     image = torch.rand(1, 3, 32, 48) * 2 - 1
     features = vae.temporal_features(image)
     assert [tuple(f.shape[-2:]) for f in features] == [(8, 12)] * 3 + [(16, 24)] * 3 + [(32, 48)]
@@ -142,7 +109,7 @@ def test_encoder_features_pair_with_decoder_blocks():
 
 
 def test_encoder_rescales_to_unit_range_but_features_do_not():
-    vae = TemporalAutoencoderTiny(TinyAutoencoderConfig(encoder_block_out_channels=(4, 4, 4)))
+    vae = TemporalAutoencoderTiny(encoder_block_out_channels=(4, 4, 4))
     image = torch.rand(1, 3, 16, 16) * 2 - 1
     # forward: TAESD works on [0, 1]; block_features: the official pipeline feeds [-1, 1] as is.
     torch.testing.assert_close(vae.encoder(image), vae.encoder.layers(image.add(1).div(2)))
@@ -150,7 +117,7 @@ def test_encoder_rescales_to_unit_range_but_features_do_not():
 
 
 def test_decoder_soft_clamps_latents_and_outputs_minus_one_to_one():
-    vae = TemporalAutoencoderTiny(TinyAutoencoderConfig(decoder_block_out_channels=(4, 4, 4)))
+    vae = TemporalAutoencoderTiny(decoder_block_out_channels=(4, 4, 4))
     for layer in vae.decoder.layers:
         if isinstance(layer, torch.nn.Conv2d):
             torch.nn.init.zeros_(layer.weight)
@@ -179,7 +146,7 @@ def test_full_builds_on_meta_with_x4_sizes():
     unet_params = sum(p.numel() for p in net.unet.parameters())
     # SD x4 upscaler UNet: 473M parameters (without its 1000 x 1024 noise-level embedding).
     assert math.isclose(unet_params, 473_000_000, rel_tol=0.01)
-    assert net.size_multiple == 8 and net.vae.downscale == net.controlnet_downscale == 4
+    assert net.scale == net.vae.downscale == net.controlnet_downscale == 4
 
 
 def test_mismatched_controlnet_downscale_raises():

@@ -108,11 +108,11 @@ def write_official_folder(folder: Path, config: StreamDiffVSRConfig,
     (folder / "vae").mkdir()
     (folder / "vae" / "config.json").write_text(json.dumps({
         "_class_name": "TemporalAutoencoderTiny", "_diffusers_version": "0.27.2", "act_fn": "relu",
-        "block_out_channels": list(vae.decoder_block_out_channels),
-        "decoder_block_out_channels": list(vae.decoder_block_out_channels),
-        "encoder_block_out_channels": list(vae.encoder_block_out_channels), "force_upcast": False, "in_channels": 3,
-        "latent_channels": 4, "latent_magnitude": 3, "latent_shift": 0.5,
-        "num_decoder_blocks": list(vae.num_decoder_blocks), "num_encoder_blocks": list(vae.num_encoder_blocks),
+        "block_out_channels": list(vae["decoder_block_out_channels"]),
+        "decoder_block_out_channels": list(vae["decoder_block_out_channels"]),
+        "encoder_block_out_channels": list(vae["encoder_block_out_channels"]), "force_upcast": False,
+        "in_channels": 3, "latent_channels": 4, "latent_magnitude": 3, "latent_shift": 0.5,
+        "num_decoder_blocks": list(vae["num_decoder_blocks"]), "num_encoder_blocks": list(vae["num_encoder_blocks"]),
         "out_channels": 3, "scaling_factor": 1.0, "shift_factor": 0.0, "upsample_fn": "nearest",
         "upsampling_scaling_factor": 2,
     }))
@@ -136,14 +136,14 @@ def write_official_folder(folder: Path, config: StreamDiffVSRConfig,
 
 
 def _vae_shape(key: str, vae) -> tuple[int, ...]:
-    c = vae.encoder_block_out_channels[0]
+    c = vae["encoder_block_out_channels"][0]
     if ".temporal_processor." in key:
         return (c, c, 3) if key.endswith("weight") else (c,)
     if ".conv." in key:
         return (c, c, 3, 3) if key.endswith("weight") else (c,)
     part, index = key.split(".")[0], int(key.split(".")[2])
-    last_encoder = len(vae.num_encoder_blocks) + sum(vae.num_encoder_blocks)
-    last_decoder = 2 * len(vae.num_decoder_blocks) + sum(vae.num_decoder_blocks)
+    last_encoder = len(vae["num_encoder_blocks"]) + sum(vae["num_encoder_blocks"])
+    last_decoder = 2 * len(vae["num_decoder_blocks"]) + sum(vae["num_decoder_blocks"])
     if part == "encoder" and index == 0:
         return (c, 3, 3, 3) if key.endswith("weight") else (c,)
     if part == "encoder" and index == last_encoder:
@@ -170,8 +170,8 @@ def test_official_layout_loads_strictly_and_runs(tmp_path, no_raft_download, off
         ours = getattr(up.net, name).state_dict()
         assert set(ours) == set(states[name])
         assert all(torch.equal(ours[k], states[name][k]) for k in ours)
-    assert up.config.scheduler.timestep_spacing == "trailing"
-    assert up.config.scheduler.clip_sample is False and up.config.scheduler.steps_offset == 1
+    assert up.config.scheduler["timestep_spacing"] == "trailing"
+    assert up.config.scheduler["clip_sample"] is False and up.config.scheduler["steps_offset"] == 1
     # the empty-prompt embedding was computed with the folder's text encoder: (1, 6 tokens, 16)
     assert up.net.prompt_embeds.shape == (1, 6, 16) and up.net.prompt_embeds.abs().sum() > 0
     out = up(torch.rand(3, 3, 16, 24))
@@ -214,8 +214,8 @@ def test_scheduler_keys_missing_from_the_file_take_diffusers_defaults(tmp_path, 
         {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction", "beta_schedule": "scaled_linear"}))
     scheduler = StreamDiffVSRUpscaler.from_pretrained(folder).config.scheduler
     # diffusers' DDIMScheduler defaults: leading spacing, no offset, clip_sample on, ᾱ_final = 1.
-    assert (scheduler.timestep_spacing, scheduler.steps_offset, scheduler.clip_sample, scheduler.set_alpha_to_one) == (
-        "leading", 0, True, True)
+    assert (scheduler["timestep_spacing"], scheduler["steps_offset"], scheduler["clip_sample"],
+            scheduler["set_alpha_to_one"]) == ("leading", 0, True, True)
 
 
 def test_missing_component_names_the_file(tmp_path):

@@ -18,6 +18,12 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+def describe(benchmark: str) -> str:
+    """The first line of a benchmark's docstring."""
+    doc = import_object(BENCHMARKS[benchmark]).__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
 def run_benchmark(benchmark: str, /, **kwargs: Any) -> dict[str, Any]:
     """Run `benchmark` with keyword arguments; unknown benchmarks or arguments raise ValueError."""
     if benchmark not in BENCHMARKS:

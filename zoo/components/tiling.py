@@ -225,6 +225,49 @@ def pad_frames(frames: Tensor, length: int, mode: str = "repeat") -> Tensor:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """Pixels added on each side of a frame: `(left, right, top, bottom)`."""
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+    def crop(self, x: Tensor, scale: int = 1) -> Tensor:
+        """Remove this padding, times `scale` (the output's pixels per input pixel), from `(..., H, W)`."""
+        height, width = x.shape[-2:]
+        return x[..., self.top * scale : height - self.bottom * scale, self.left * scale : width - self.right * scale]
+
+
+def pad_to_multiple(x: Tensor, multiple: int, mode: str = "replicate", centred: bool = False) -> tuple[Tensor, Padding]:
+    """Pad the last two dimensions of `x` up to multiples of `multiple`.
+
+    Args:
+        x: `(..., H, W)`; 3-D and 4-D tensors (`F.pad`'s spatial modes).
+        multiple: the size both dimensions must divide by.
+        mode: `"replicate"`, `"reflect"` or `"constant"` (zeros).
+        centred: split the padding between both sides (the larger half after); else all of it goes
+            right and bottom.
+
+    Returns:
+        The padded tensor and the `Padding` that `Padding.crop` undoes.
+    """
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if centred:
+        padding = Padding(pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    else:
+        padding = Padding(0, pad_w, 0, pad_h)
+    if not (pad_h or pad_w):
+        return x, padding
+    if mode == "reflect" and (pad_h >= height or pad_w >= width):
+        raise ValueError(f"reflect padding of {height}x{width} to a multiple of {multiple} needs more pixels than "
+                         f"the frame has")
+    padded = torch.nn.functional.pad(x, (padding.left, padding.right, padding.top, padding.bottom), mode=mode)
+    return padded, padding
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One temporal chunk: input frames `[start, stop)` and output frames `[out_start, out_stop)`."""
 

@@ -4,12 +4,10 @@ Noah's Ark Lab, arXiv:2509.16507). Each LR frame is bicubic-upsampled, VAE-encod
 of an SD-2.1 UNet with LoRA (built on OSEDiff), after its latent has been fused with the latents of the
 flow-warped previous and next frames (multi-frame fusion); training adds an adjacent-frame adversarial loss
 from a DINOv2 discriminator and a focal MSE. No official code or weights exist: this package is the zoo's
-reference implementation.
+reference implementation. The training code (`module`, `callbacks`, `data`) is imported on demand, not here.
 """
 
-from zoo.osdiffvsr.callbacks import OSDiffVSRStage, OSDiffVSRStages
-from zoo.osdiffvsr.network import DINOv2Discriminator, OSDiffVSRConfig, OSDiffVSRNet
+from zoo.osdiffvsr.network import OSDiffVSRConfig, OSDiffVSRNet
 from zoo.osdiffvsr.pipeline import OSDiffVSRUpscaler
 
-__all__ = ["DINOv2Discriminator", "OSDiffVSRConfig", "OSDiffVSRNet", "OSDiffVSRStage", "OSDiffVSRStages",
-           "OSDiffVSRUpscaler"]
+__all__ = ["OSDiffVSRConfig", "OSDiffVSRNet", "OSDiffVSRUpscaler"]

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.components.flow import warp
+from zoo.components.tiling import pad_to_multiple
 from zoo.components.train.losses import PerceptualLoss, masked_warp_loss
 from zoo.components.train.module import ZooModule
-from zoo.components.upscaler import VideoUpscaler
+from zoo.components.upscaler import VideoUpscaler, check_variant
 from zoo.osdiffvsr.callbacks import OSDiffVSRStage
 from zoo.osdiffvsr.network import (
     DINOv2Discriminator,
@@ -120,6 +121,7 @@ class OSDiffVSRModule(ZooModule):
     """
 
     hub_name = "osdiffvsr"
+    loss_names = LOSS_NAMES
 
     def __init__(
         self,
@@ -139,8 +141,7 @@ class OSDiffVSRModule(ZooModule):
         loss_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
-        if variant not in ("tiny", "full"):
-            raise ValueError(f"variant must be 'tiny' or 'full', got {variant!r}")
+        check_variant(variant)
         self.save_hyperparameters()
         self.automatic_optimization = False
         config = getattr(OSDiffVSRConfig, variant)().replace(
@@ -170,8 +171,11 @@ class OSDiffVSRModule(ZooModule):
         return OSDiffVSRUpscaler.from_net(self.net)
 
     def forward(self, lr: Tensor) -> Tensor:
-        """The generated middle frame `(B, 3, 4h, 4w)` of LR windows `(B, 3, 3, h, w)`."""
-        return self.net.upscale(lr[:, 0], lr[:, 1], lr[:, 2], fuse=self.fuse)
+        """The generated middle frame `(B, 3, s*h, s*w)` of LR windows `(B, 3, 3, h, w)` of any size."""
+        window, padding = pad_to_multiple(lr[:, :3].flatten(0, 1), self.net.size_multiple)
+        window = window.unflatten(0, (lr.shape[0], 3))
+        output = self.net(window[:, 0], window[:, 1], window[:, 2], fuse=self.fuse)
+        return padding.crop(output, self.net.config.scale)
 
     # Losses -------------------------------------------------------------------------------
 
@@ -271,6 +275,6 @@ class OSDiffVSRModule(ZooModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         lr, hr = batch["lr"], batch["hr"]
-        output = self.net.upscale(lr[:, 0], lr[:, 1], lr[:, 2], fuse=self.fuse)
+        output = self(lr)
         mse = F.mse_loss(output, hr[:, 1]).clamp_min(1e-10)
         self.log("val/psnr", -10 * torch.log10(mse), batch_size=lr.shape[0])

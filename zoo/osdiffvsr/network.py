@@ -24,12 +24,11 @@ from torch import Tensor, nn
 
 from zoo.components.flow import FlowEstimator, warp, warp_error_map
 from zoo.components.lora import inject_lora, lora_config
-from zoo.components.tiling import TilePlan
+from zoo.components.prompts import encode_prompt
 
 # The SD-2.1 noise schedule (scheduler/scheduler_config.json of stabilityai/stable-diffusion-2-1-base).
-SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-               "beta_schedule": "scaled_linear"}
-VAE_FACTOR = 8
+SD21_BASE_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                       "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
 # OSEDiff builds its LoraConfig without lora_alpha, so peft's default applies.
 OSEDIFF_LORA_ALPHA = 8.0
 
@@ -105,6 +104,9 @@ class OSDiffVSRConfig:
     Args:
         unet: `UNet2DConditionModel` keyword arguments (SD-2.1-base for `full`).
         vae: `AutoencoderKL` keyword arguments (SD-2.1-base for `full`).
+        scheduler: `DDPMScheduler` keyword arguments: the noise schedule whose `alphas_cumprod`
+            give Eq. (2)'s coefficients.
+        scale: the upscaling factor; LR frames are bicubic-upsampled by it before the VAE.
         scaling_factor: VAE latent scale (0.18215 for SD-2.x).
         timestep: the fixed timestep T of the one denoising step.
         lora_rank: LoRA rank on the VAE encoder and the UNet.
@@ -122,6 +124,8 @@ class OSDiffVSRConfig:
 
     unet: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_UNET))
     vae: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_VAE))
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_SCHEDULER))
+    scale: int = 4
     scaling_factor: float = 0.18215
     timestep: int = 999
     lora_rank: int = 32
@@ -175,13 +179,13 @@ class OSDiffVSRConfig:
 
 # Eq. (2) ----------------------------------------------------------------------------------
 
-def one_step_coefficients(timestep: int) -> tuple[float, float]:
-    """`(alpha_T, beta_T) = (sqrt(abar_T), sqrt(1 - abar_T))` of the SD-2.1 DDPM schedule at `timestep`."""
+def one_step_coefficients(scheduler: dict[str, Any], timestep: int) -> tuple[float, float]:
+    """`(alpha_T, beta_T) = (sqrt(abar_T), sqrt(1 - abar_T))` of the DDPM schedule `scheduler` at `timestep`."""
     from diffusers import DDPMScheduler
 
     with torch.device("cpu"):  # plain numbers, also when the network is built on the meta device
-        abar = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod[timestep].double()
-    return math.sqrt(abar.item()), math.sqrt(1.0 - abar.item())
+        abar = DDPMScheduler(**scheduler).alphas_cumprod[timestep].double().item()
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
 
 
 def one_step_denoise(z: Tensor, eps: Tensor, alpha_t: float, beta_t: float) -> Tensor:
@@ -193,7 +197,9 @@ def one_step_denoise(z: Tensor, eps: Tensor, alpha_t: float, beta_t: float) -> T
         alpha_t: `sqrt(abar_T)`.
         beta_t: `sqrt(1 - abar_T)`.
     """
-    return (z - beta_t * eps) / alpha_t  # Eq. (2), OS-DiffVSR
+    # Eq. (2), OS-DiffVSR. Written out rather than `DDPMScheduler.step`: with one step that returns the
+    # same x0 plus a 1e-10-scaled noise draw, which costs a random-number call for nothing.
+    return (z - beta_t * eps) / alpha_t
 
 
 # Multi-frame fusion, Eqs. (8)-(14) -----------------------------------------------------------
@@ -294,18 +300,28 @@ class OSDiffVSRNet(nn.Module):
                                   num_flow_updates=config.flow_updates)
         self.register_buffer(
             "prompt_embeds", torch.zeros(1, config.prompt_length, config.unet["cross_attention_dim"]))
-        self.alpha_t, self.beta_t = one_step_coefficients(config.timestep)
+        self.alpha_t, self.beta_t = one_step_coefficients(config.scheduler, config.timestep)
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel: the VAE encoder halves the size between its blocks."""
+        return 2 ** (len(self.config.vae["block_out_channels"]) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """LR sizes must divide by this, so the upsampled frame divides by the VAE factor."""
+        return self.vae_factor // math.gcd(self.vae_factor, self.config.scale)
 
     # Stages of the forward pass ---------------------------------------------------------
 
     def encode(self, frames: Tensor) -> Tensor:
-        """VAE latents `Z` of LR frames `(N, 3, h, w)` in [0, 1], bicubic-upsampled x4 first."""
-        up = F.interpolate(frames, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        """VAE latents `Z` of LR frames `(N, 3, h, w)` in [0, 1], bicubic-upsampled by `config.scale` first."""
+        up = F.interpolate(frames, scale_factor=self.config.scale, mode="bicubic", align_corners=False).clamp(0, 1)
         # The posterior mean keeps inference deterministic (OSEDiff samples; its std is ~1e-3 here).
         return self.vae.encode(up * 2 - 1).latent_dist.mode() * self.config.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
-        """HR frames `(N, 3, 8h, 8w)` in [0, 1] from latents, through the frozen VAE decoder."""
+        """HR frames `(N, 3, f*h, f*w)` in [0, 1] from latents (`f` the VAE factor), through the frozen decoder."""
         return (self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2
 
     def fuse(self, prev: Tensor, current: Tensor, next_: Tensor, current_latent: Tensor) -> Tensor:
@@ -325,20 +341,28 @@ class OSDiffVSRNet(nn.Module):
         latents = torch.stack([z_prev, current_latent, z_next], dim=1)
         mask = fusion_mask(current, warped.unflatten(0, (2, -1)), self.config.fusion_alpha,
                            self.config.fusion_threshold)
-        mask = downsample_mask(F.interpolate(mask, scale_factor=4, mode="nearest"), current_latent.shape[-2:])
+        mask = downsample_mask(F.interpolate(mask, scale_factor=self.config.scale, mode="nearest"),
+                               current_latent.shape[-2:])
         return self.fusion(current_latent, latents, mask)
 
-    def noise_prediction(self, latents: Tensor, prompt_embeds: Tensor, tiles: TilePlan | None = None) -> Tensor:
-        """`eps_theta(Z; T, c)`, over latent tiles when `tiles` is given."""
+    def denoise(self, latents: Tensor, prompt_embeds: Tensor | None = None) -> Tensor:
+        """Eq. (2): the clean latent `Z_hat` from ONE UNet step at timestep T.
+
+        Args:
+            latents: `Z` (or the fused `Z_f`) `(N, C, h, w)`.
+            prompt_embeds: `c`, `(1 or N, L, D)`; the stored `prompt_embeds` when None.
+        """
+        c = self.prompt_embeds if prompt_embeds is None else prompt_embeds
+        c = c.expand(latents.shape[0], -1, -1) if c.shape[0] == 1 else c
         timestep = torch.full((latents.shape[0],), self.config.timestep, device=latents.device, dtype=torch.long)
-        if tiles is None:
-            return self.unet(latents, timestep, encoder_hidden_states=prompt_embeds).sample
-        return tiles.apply(lambda tile: self.unet(tile, timestep, encoder_hidden_states=prompt_embeds).sample,
-                           latents)
+        eps = self.unet(latents, timestep, encoder_hidden_states=c.to(latents.dtype)).sample
+        return one_step_denoise(latents, eps, self.alpha_t, self.beta_t)
 
     def forward(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
-                prompt_embeds: Tensor | None = None, tiles: TilePlan | None = None) -> Tensor:
-        """HR frame `I_hat_i` `(N, 3, 4h, 4w)` in [0, 1]; `h`, `w` must be multiples of 8.
+                prompt_embeds: Tensor | None = None) -> Tensor:
+        """HR frame `I_hat_i` `(N, 3, s*h, s*w)` in [0, 1]; `h`, `w` must divide by `size_multiple`.
+
+        Padding to that multiple, and tiling, are the pipeline's (`OSDiffVSRUpscaler`).
 
         Args:
             prev: `I_{i-1}` `(N, 3, h, w)` in [0, 1] (the current frame's other neighbour at the ends).
@@ -346,35 +370,15 @@ class OSDiffVSRNet(nn.Module):
             next_: `I_{i+1}`.
             fuse: apply multi-frame fusion (off in the `afat` training stage).
             prompt_embeds: `c`, `(1 or N, L, D)`; the stored `prompt_embeds` when None.
-            tiles: latent tiles for the UNet on large frames.
         """
+        height, width = current.shape[-2:]
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"LR frames must be multiples of {self.size_multiple} in size, got {height}x{width}; "
+                             f"pad them (OSDiffVSRUpscaler does)")
         z = self.encode(current)
         if fuse:
             z = self.fuse(prev, current, next_, z)
-        c = self.prompt_embeds if prompt_embeds is None else prompt_embeds
-        c = c.expand(z.shape[0], -1, -1) if c.shape[0] == 1 else c
-        z_hat = one_step_denoise(z, self.noise_prediction(z, c.to(z.dtype), tiles), self.alpha_t, self.beta_t)
-        return self.decode(z_hat)
-
-    def upscale(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
-                tiles: TilePlan | None = None) -> Tensor:
-        """`forward` for any LR size: frames are padded (edge replication) to a multiple of 8 and cropped back.
-
-        Args:
-            prev: `I_{i-1}` `(N, 3, H, W)` in [0, 1].
-            current: `I_i`.
-            next_: `I_{i+1}`.
-            fuse: apply multi-frame fusion.
-            tiles: latent tiles for the UNet, planned for the padded size.
-        """
-        height, width = current.shape[-2:]
-        # LR multiples of 8 make the x4 image a multiple of 32, so the 8x-smaller latent is whole.
-        pad_h, pad_w = -height % VAE_FACTOR, -width % VAE_FACTOR
-        window = torch.cat([prev, current, next_])
-        if pad_h or pad_w:
-            window = F.pad(window, (0, pad_w, 0, pad_h), mode="replicate")
-        out = self(*window.chunk(3), fuse=fuse, tiles=tiles)
-        return out[..., : 4 * height, : 4 * width]
+        return self.decode(self.denoise(z, prompt_embeds))
 
     # Weights ------------------------------------------------------------------------------
 
@@ -430,22 +434,6 @@ def load_osediff_lora(net: OSDiffVSRNet, path: str | Path) -> None:
         if missing:
             raise ValueError(f"{path} lacks {len(missing)} {part} LoRA weights of this model, e.g. {missing[0]}")
         getattr(net, part).load_state_dict(mapped, strict=False)
-
-
-def encode_prompt(base_model: str | Path, prompts: list[str], max_length: int = 77) -> Tensor:
-    """CLIP text embeddings `(len(prompts), max_length, D)` from an SD-2.1 folder or Hub id.
-
-    For users who have the base model: compute a prompt embedding once, then pass it to the
-    pipeline (`prompt_embeds`), so no text encoder runs at inference.
-    """
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder").eval()
-    ids = tokenizer(prompts, max_length=max_length, padding="max_length", truncation=True,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        return text_encoder(ids)[0]
 
 
 # Discriminator --------------------------------------------------------------------------------

@@ -21,17 +21,16 @@ Weights folder (`save_pretrained` / `from_pretrained`):
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from zoo.components.tiling import TilePlan
-from zoo.components.upscaler import CONFIG_NAME, VideoUpscaler, check_frame, config_to_dict
-from zoo.osdiffvsr.network import VAE_FACTOR, OSDiffVSRConfig, OSDiffVSRNet
+from zoo.components.tiling import TilePlan, pad_to_multiple
+from zoo.components.upscaler import VideoUpscaler, check_frame, cpu_state, read_safetensors
+from zoo.osdiffvsr.network import OSDiffVSRConfig, OSDiffVSRNet
 
 FILES = {
     "adapters": "adapters.safetensors",
@@ -77,24 +76,34 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     hub_name = "osdiffvsr"
     config_class = OSDiffVSRConfig
-    scale = 4
 
     def __init__(self, config: OSDiffVSRConfig, net: OSDiffVSRNet | None = None, latent_tile: int | None = None,
                  latent_tile_overlap: int = 16) -> None:
         super().__init__(config)
         self.net = OSDiffVSRNet(config) if net is None else net
+        self.scale = config.scale
         self.latent_tile = latent_tile
         self.latent_tile_overlap = latent_tile_overlap
 
-    def upscale_window(self, prev: Tensor, current: Tensor, next_: Tensor) -> Tensor:
-        """HR frame `(N, 3, 4H, 4W)` of `current` `(N, 3, H, W)` given its neighbours; any H, W."""
-        prev, current, next_ = (x.to(self.device, self.dtype) for x in (prev, current, next_))
-        tiles = None
-        if self.latent_tile is not None:
-            padded_h, padded_w = (-(-s // VAE_FACTOR) * VAE_FACTOR for s in current.shape[-2:])
-            tiles = TilePlan(padded_h * 4 // VAE_FACTOR, padded_w * 4 // VAE_FACTOR, self.latent_tile,
-                             min(self.latent_tile_overlap, self.latent_tile - 1))
-        return self.net.upscale(prev, current, next_, tiles=tiles)
+    def upscale_window(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True) -> Tensor:
+        """HR frame `(N, 3, sH, sW)` of `current` `(N, 3, H, W)` given its neighbours; any H, W.
+
+        Frames are padded (edge replication) to the network's size multiple and the output is
+        cropped back; with `latent_tile` the UNet step runs on blended latent tiles.
+        """
+        net = self.net
+        window, padding = pad_to_multiple(torch.cat([prev, current, next_]).to(self.device, self.dtype),
+                                          net.size_multiple)
+        prev, current, next_ = window.chunk(3)
+        z = net.encode(current)
+        if fuse:
+            z = net.fuse(prev, current, next_, z)
+        if self.latent_tile is None:
+            z_hat = net.denoise(z)
+        else:
+            tiles = TilePlan(*z.shape[-2:], self.latent_tile, min(self.latent_tile_overlap, self.latent_tile - 1))
+            z_hat = tiles.apply(net.denoise, z)
+        return padding.crop(net.decode(z_hat), self.scale)
 
     @torch.no_grad()
     def stream(self, frames: Iterable[Tensor]) -> Iterator[Tensor]:
@@ -128,13 +137,12 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         """Write `config.json` and the safetensors files listed in the module docstring."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"hub_name": self.hub_name, "config": config_to_dict(self.config)}
-        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        self.write_config(folder)
         published = published_keys(self.net)
         groups: dict[str, dict[str, Tensor]] = {name: {} for name in FILES}
-        for key, value in self.net.state_dict().items():
+        for key, value in cpu_state(self.net.state_dict()).items():
             if key not in published:
-                groups[weight_group(self.net, key)][key] = value.detach().contiguous().cpu()
+                groups[weight_group(self.net, key)][key] = value
         for name, state in groups.items():
             if state:
                 save_file(state, folder / FILES[name], metadata={"format": "pt"})
@@ -150,7 +158,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         state: dict[str, Tensor] = {}
         for name in FILES.values():
             if (folder / name).is_file():
-                state.update(load_file(folder / name))
+                state.update(read_safetensors(folder / name))
         expected = set(model.net.state_dict()) - published_keys(model.net)
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)

@@ -6,8 +6,8 @@ terms, and its `trainable` patterns decide which parameters learn.
 
 1. "distill": the student UNet rolls out its own 4-step DDIM trajectory from noise. At each student
    step (timestep t_i, latent z_i) its clean-latent estimate x̂₀(z_i) is supervised by
-   - "teacher": the frozen teacher (the original x4-upscaler UNet) run with `teacher_steps` DDIM steps
-     from z_i at t_i down to 0 (the teacher's timesteps at or below t_i), and
+   - "teacher": the frozen teacher (the original x4-upscaler UNet) run with DDIM steps of the
+     `teacher_steps`-step spacing (1000 / teacher_steps timesteps apart) from z_i at t_i down past 0, and
    - "gt": the HR target latent E(y) of the tiny encoder.
    The next student latent is the DDIM step from z_i, detached (no backpropagation through the
    rollout). `teacher_steps` is 50 in the paper's recipe; the tiny recipe uses a few.
@@ -21,19 +21,26 @@ terms, and its `trainable` patterns decide which parameters learn.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from zoo.components.flow import FlowEstimator, resize_flow, warp
+from zoo.components.prompts import encode_prompt
 from zoo.components.train.losses import PerceptualLoss
 from zoo.components.train.module import ZooModule
-from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet, ddim_step, ddim_timesteps, predict_x0_eps
-from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler, empty_prompt_embeds
+from zoo.components.upscaler import check_variant
+from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet
+from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler
+
+# The losses each stage computes; a stage's `loss_weights` may name only these.
+STAGE_LOSSES = {"distill": ("teacher", "gt"), "tpm": ("rec", "lpips", "temporal"), "artg": ("latent",)}
 
 
 def warped_temporal_loss(output: Tensor, prev_output: Tensor, target: Tensor, prev_target: Tensor,
@@ -61,17 +68,19 @@ class StreamDiffVSRModule(ZooModule):
     Args:
         variant: network size, `"tiny"` or `"full"` (the paper's).
         teacher_steps: DDIM steps of the frozen teacher UNet (50 in the paper).
-        base_model: folder or Hub id of the SD x4 upscaler (`unet/`, `text_encoder/`, `tokenizer/`):
-            initialises student and teacher UNets and the empty-prompt embedding; None keeps the
-            random initialisation (tiny recipe, tests).
-        init_from: an official-layout Stream-DiffVSR folder to start every network from (e.g. to
-            fine-tune the published checkpoint); applied after `base_model`.
+        base_model: folder or Hub id of the SD x4 upscaler (`unet/`, `text_encoder/`, `tokenizer/`),
+            read by diffusers and transformers: initialises student and teacher UNets and the
+            empty-prompt embedding; None keeps the random initialisation (tiny recipe, tests).
+        init_from: a local official-layout Stream-DiffVSR folder to start every network from (e.g. to
+            fine-tune the published checkpoint: `zoo hub download stream_diffvsr --local-dir DIR`);
+            applied after `base_model`.
         flow_pretrained: RAFT with torchvision's weights; None takes the variant's default.
         lpips_pretrained: LPIPS with its published weights (False for offline tests).
         lpips_net: LPIPS backbone.
     """
 
     hub_name = "stream_diffvsr"
+    loss_names = tuple(name for names in STAGE_LOSSES.values() for name in names)
 
     def __init__(
         self,
@@ -85,26 +94,28 @@ class StreamDiffVSRModule(ZooModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if variant not in ("tiny", "full"):
-            raise ValueError(f"variant must be 'tiny' or 'full', got {variant!r}")
-        config = getattr(StreamDiffVSRConfig, variant)()
+        config = getattr(StreamDiffVSRConfig, check_variant(variant))()
         if flow_pretrained is not None:
             config = dataclasses.replace(config, flow_pretrained=flow_pretrained)
         if init_from is not None:
-            loaded = StreamDiffVSRUpscaler.from_pretrained(_local(init_from))
+            if not Path(init_from).is_dir():
+                raise ValueError(f"init_from must be a local folder, got {init_from!r}; fetch the published weights "
+                                 f"with `zoo hub download stream_diffvsr --local-dir DIR`")
+            loaded = StreamDiffVSRUpscaler.from_pretrained(init_from)
             config = dataclasses.replace(loaded.config, flow_variant=config.flow_variant,
                                          flow_pretrained=config.flow_pretrained, flow_updates=config.flow_updates)
         self.config = config
         self.net = StreamDiffVSRNet(config)
         self.flow = FlowEstimator(config.flow_variant, pretrained=config.flow_pretrained,
                                   num_flow_updates=config.flow_updates)
-        # The teacher is the x4 upscaler's UNet, with its noise-level class embedding.
-        from diffusers import UNet2DConditionModel
-
+        # The teacher is the x4 upscaler's UNet, with its noise-level class embedding, sampled on a
+        # finer DDIM grid of the same schedule.
         teacher_config = {**config.unet, "num_class_embeds": 1000}
         self.teacher = UNet2DConditionModel(**teacher_config)
+        self.teacher_scheduler = DDIMScheduler.from_config(config.scheduler)
+        self.teacher_scheduler.set_timesteps(teacher_steps)
         if base_model is not None:
-            self._load_base_model(_local(base_model))
+            self._load_base_model(base_model)
         else:
             student = {k: v for k, v in self.teacher.state_dict().items() if not k.startswith("class_embedding.")}
             self.net.unet.load_state_dict(student, strict=True)
@@ -116,14 +127,13 @@ class StreamDiffVSRModule(ZooModule):
         self.stage = None
         self.loss_weights: dict[str, float] = {}
 
-    def _load_base_model(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    def _load_base_model(self, base_model: str) -> None:
+        teacher = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+        state = teacher.state_dict()
         self.teacher.load_state_dict(state, strict=True)
         student = {k: v for k, v in state.items() if not k.startswith("class_embedding.")}
         self.net.unet.load_state_dict(student, strict=True)
-        self.net.prompt_embeds.copy_(empty_prompt_embeds(folder / "text_encoder", folder / "tokenizer"))
+        self.net.prompt_embeds.copy_(encode_prompt(base_model, [""]))
 
     def train(self, mode: bool = True) -> StreamDiffVSRModule:
         super().train(mode)
@@ -131,11 +141,8 @@ class StreamDiffVSRModule(ZooModule):
         return self
 
     def to_upscaler(self) -> StreamDiffVSRUpscaler:
-        """The streaming upscaler carrying this module's current network and flow weights."""
-        upscaler = StreamDiffVSRUpscaler(self.config)
-        upscaler.net.load_state_dict(self.net.state_dict(), strict=True)
-        upscaler.flow.load_state_dict(self.flow.state_dict(), strict=True)
-        return upscaler.eval()
+        """The streaming upscaler carrying a copy of this module's current network and flow weights."""
+        return StreamDiffVSRUpscaler(self.config, net=copy.deepcopy(self.net), flow=copy.deepcopy(self.flow)).eval()
 
     # Shared pieces -----------------------------------------------------------------------
 
@@ -148,20 +155,22 @@ class StreamDiffVSRModule(ZooModule):
         return resize_flow(self.flow(lr, prev_lr), size)
 
     def teacher_x0(self, latents: Tensor, lr: Tensor, t: int) -> Tensor:
-        """The teacher's clean latent: `teacher_steps`-step DDIM from `latents` at `t` down to 0."""
-        scheduler = self.config.scheduler
-        # The teacher starts where the student is (t), then continues on its own finer grid.
-        grid = [t, *(s for s in ddim_timesteps(scheduler, self.teacher_steps) if s < t)]
+        """The teacher's clean latent: DDIM from `latents` at `t`, steps of the teacher's spacing, past 0.
+
+        diffusers' DDIM step goes from `t` to `t - 1000 / teacher_steps`; starting at the student's
+        `t` keeps every teacher step on that stride (t = 749 runs 749, 729, ..., 9).
+        """
+        scheduler = self.teacher_scheduler
+        stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         prompt = self.net.prompt_embeds.expand(latents.shape[0], -1, -1).to(latents.dtype)
         labels = torch.full((latents.shape[0],), self.config.noise_level, dtype=torch.long, device=latents.device)
-        z = latents
-        for i, s in enumerate(grid):
-            prev = grid[i + 1] if i + 1 < len(grid) else -1
+        z, x0 = latents, latents
+        for s in range(t, -1, -stride):
             timestep = torch.full((latents.shape[0],), s, dtype=torch.long, device=latents.device)
             out = self.teacher(torch.cat([z, lr], 1), timestep, encoder_hidden_states=prompt, class_labels=labels,
                                return_dict=False)[0]
-            z, x0 = ddim_step(z, out, self.net.alpha_bar(s), self.net.alpha_bar(prev), scheduler.prediction_type,
-                              scheduler.clip_sample_range if scheduler.clip_sample else None)
+            result = scheduler.step(out, s, z)
+            z, x0 = result.prev_sample, result.pred_original_sample
         return x0
 
     # Stage losses ------------------------------------------------------------------------
@@ -177,13 +186,13 @@ class StreamDiffVSRModule(ZooModule):
         teacher_terms, gt_terms = [], []
         for t in net.timesteps:
             output = net.denoise(latents, lr_n, t, None)
-            x0, _ = predict_x0_eps(latents, output, net.alpha_bar(t), self.config.scheduler.prediction_type)
+            next_latents, x0 = net.step(output, t, latents)
             with torch.no_grad():
                 teacher = self.teacher_x0(latents, lr_n, t)
             # Rollout distillation (Stream-DiffVSR, "U-Net Rollout Distillation"): latent L2 terms.
             teacher_terms.append(F.mse_loss(x0, teacher))
             gt_terms.append(F.mse_loss(x0, target))
-            latents, _ = net.step(latents, output.detach(), t)
+            latents = next_latents.detach()  # no backpropagation through the rollout
         return {"teacher": torch.stack(teacher_terms).mean(), "gt": torch.stack(gt_terms).mean()}
 
     def tpm_losses(self, lr: Tensor, hr: Tensor) -> dict[str, Tensor]:
@@ -220,9 +229,9 @@ class StreamDiffVSRModule(ZooModule):
             latents = torch.randn(shape, device=hr.device, dtype=hr.dtype)
             for step in net.timesteps:
                 output = net.denoise(latents, lr_n[:, t], step, warped_prev)
-                x0, _ = predict_x0_eps(latents, output, net.alpha_bar(step), self.config.scheduler.prediction_type)
+                next_latents, x0 = net.step(output, step, latents)
                 terms.append(F.mse_loss(x0, targets[:, t]))
-                latents, _ = net.step(latents, output.detach(), step)
+                latents = next_latents.detach()
             with torch.no_grad():
                 prev = net.vae.decode(latents, net.vae.temporal_features(warped_prev))
         return {"latent": torch.stack(terms).mean()}
@@ -244,18 +253,26 @@ class StreamDiffVSRModule(ZooModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         terms = self.stage_losses(batch)
-        loss = sum(self.loss_weights.get(name, 0.0) * value for name, value in terms.items())
+        extra = sorted(set(self.loss_weights) - set(terms))
+        if extra:
+            raise ValueError(f"stage {self.stage.name!r} weights loss(es) {', '.join(extra)}, which it does not "
+                             f"compute; its losses are {', '.join(terms)}")
+        # A loss the stage computes but does not weight is logged only.
+        loss = sum(weight * terms[name] for name, weight in self.loss_weights.items())
         for name, value in terms.items():
             self.log(f"train/{self.stage.name}/{name}", value.detach())
         self.log("train/loss", loss.detach(), prog_bar=True)
         return loss
 
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """PSNR of the causal streaming output (the inference pipeline on this module's networks)."""
+        upscaler = StreamDiffVSRUpscaler(self.config, net=self.net, flow=self.flow)
+        lr, hr = batch["lr"], batch["hr"]
+        for clip_lr, clip_hr in zip(lr, hr):
+            output = torch.stack(list(upscaler.stream(clip_lr.unbind(0))))
+            mse = F.mse_loss(output, clip_hr).clamp_min(1e-10)
+            self.log("val/psnr", -10 * torch.log10(mse), batch_size=lr.shape[0])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.stage.lr, **self.stage.optimizer_kwargs)
-
-
-def _local(weights: str) -> Path:
-    from zoo.hub import resolve_weights
-
-    return resolve_weights(weights)

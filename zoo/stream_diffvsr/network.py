@@ -11,7 +11,7 @@ so its `unet/`, `controlnet/` and `vae/` folders load with `strict=True`:
   blocks carry a Temporal Processor Module (`alpha`, `temporal_processor`). The decoder fuses the
   encoder's block features of the warped previous HR output into the current frame's decoding.
 
-The sampler is deterministic DDIM (eta = 0) with the scheduler settings of the checkpoint.
+The sampler is diffusers' `DDIMScheduler` (eta = 0) with the checkpoint's `scheduler/` settings.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ConfigMixin, ControlNetModel, DDIMScheduler, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 # TPM constants of the official decoder block: 4x4 average pooling before the 1-D temporal
@@ -80,42 +81,38 @@ def controlnet_config_from_unet(unet: dict[str, Any], conditioning_channels: tup
     return config
 
 
-@dataclass
-class TinyAutoencoderConfig:
-    """`TemporalAutoencoderTiny` settings; names match the official `vae/config.json`."""
+# `vae/config.json` of the official checkpoint: a TAESD-style autoencoder at x4 (two stride-2 stages).
+TINY_AUTOENCODER_X4: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "encoder_block_out_channels": [64, 64, 64],
+    "decoder_block_out_channels": [64, 64, 64],
+    "act_fn": "relu",
+    "upsample_fn": "nearest",
+    "latent_channels": 4,
+    "upsampling_scaling_factor": 2,
+    "num_encoder_blocks": [1, 3, 3],
+    "num_decoder_blocks": [3, 3, 1],
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "scaling_factor": 1.0,
+    "shift_factor": 0.0,
+    "force_upcast": False,
+}
 
-    in_channels: int = 3
-    out_channels: int = 3
-    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64)
-    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64)
-    act_fn: str = "relu"
-    upsample_fn: str = "nearest"
-    latent_channels: int = 4
-    upsampling_scaling_factor: int = 2
-    num_encoder_blocks: tuple[int, ...] = (1, 3, 3)
-    num_decoder_blocks: tuple[int, ...] = (3, 3, 1)
-    latent_magnitude: float = 3
-    latent_shift: float = 0.5
-    scaling_factor: float = 1.0
-    shift_factor: float = 0.0
-    force_upcast: bool = False
-
-
-@dataclass
-class DDIMConfig:
-    """DDIM scheduler settings; names match diffusers' `scheduler_config.json`."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "v_prediction"
-    set_alpha_to_one: bool = False
-    steps_offset: int = 1
-    # The paper rolls the student out at t = 999, 749, 499, 249 ("trailing" spacing).
-    timestep_spacing: str = "trailing"
-    clip_sample: bool = False
-    clip_sample_range: float = 1.0
+# `scheduler/scheduler_config.json`: the x4 upscaler's v-prediction schedule; the paper rolls the
+# distilled student out at t = 999, 749, 499, 249, diffusers' "trailing" spacing for 4 steps.
+SDX4_DDIM: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+}
 
 
 @dataclass
@@ -125,8 +122,8 @@ class StreamDiffVSRConfig:
     Args:
         unet: diffusers `UNet2DConditionModel` config (as in `unet/config.json`).
         controlnet: diffusers `ControlNetModel` config (as in `controlnet/config.json`).
-        vae: the temporal tiny autoencoder.
-        scheduler: the DDIM sampler.
+        vae: `TemporalAutoencoderTiny` config (as in `vae/config.json`).
+        scheduler: diffusers `DDIMScheduler` config (as in `scheduler/scheduler_config.json`).
         num_inference_steps: denoising steps per frame (4 for the distilled UNet).
         noise_level: x4-upscaler noise level passed as `class_labels`, used only when the UNet has a
             class embedding.
@@ -139,8 +136,8 @@ class StreamDiffVSRConfig:
 
     unet: dict[str, Any]
     controlnet: dict[str, Any]
-    vae: TinyAutoencoderConfig = field(default_factory=TinyAutoencoderConfig)
-    scheduler: DDIMConfig = field(default_factory=DDIMConfig)
+    vae: dict[str, Any] = field(default_factory=lambda: dict(TINY_AUTOENCODER_X4))
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SDX4_DDIM))
     num_inference_steps: int = 4
     noise_level: int = 20
     prompt_length: int = 77
@@ -180,78 +177,14 @@ class StreamDiffVSRConfig:
         return cls(
             unet=unet,
             controlnet=controlnet_config_from_unet(unet, (8, 8, 16)),
-            vae=TinyAutoencoderConfig(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-                                      num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)),
+            vae={**TINY_AUTOENCODER_X4, "encoder_block_out_channels": [8, 8, 8],
+                 "decoder_block_out_channels": [8, 8, 8], "num_encoder_blocks": [1, 1, 1],
+                 "num_decoder_blocks": [1, 1, 1]},
             prompt_length=4,
             flow_variant="small",
             flow_pretrained=False,
             flow_updates=2,
         )
-
-
-# DDIM -------------------------------------------------------------------------------------
-
-def alphas_cumprod(config: DDIMConfig) -> Tensor:
-    """ᾱ_t = ∏_{s≤t} (1 - β_s) for every training timestep (float64)."""
-    n = config.num_train_timesteps
-    if config.beta_schedule == "linear":
-        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
-    elif config.beta_schedule == "scaled_linear":
-        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
-    else:
-        raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {config.beta_schedule!r}")
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def ddim_timesteps(config: DDIMConfig, steps: int) -> list[int]:
-    """The `steps` timesteps of a DDIM sampling run, first (noisiest) to last (diffusers' spacings)."""
-    n = config.num_train_timesteps
-    if config.timestep_spacing == "leading":
-        ratio = n // steps
-        return [i * ratio + config.steps_offset for i in reversed(range(steps))]
-    if config.timestep_spacing == "trailing":
-        return [round(n - i * n / steps) - 1 for i in range(steps)]
-    if config.timestep_spacing == "linspace":
-        return [round((n - 1) * i / (steps - 1)) for i in reversed(range(steps))] if steps > 1 else [0]
-    raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {config.timestep_spacing!r}")
-
-
-def predict_x0_eps(sample: Tensor, model_output: Tensor, alpha_bar: float | Tensor,
-                   prediction_type: str) -> tuple[Tensor, Tensor]:
-    """Clean latent x̂₀ and noise ε̂ from the network output at a timestep with cumulative ᾱ.
-
-    With z_t = √ᾱ x₀ + √(1-ᾱ) ε (DDPM forward process):
-    - epsilon: x̂₀ = (z_t - √(1-ᾱ) ε̂) / √ᾱ;
-    - v_prediction (v = √ᾱ ε - √(1-ᾱ) x₀, Salimans & Ho 2022): x̂₀ = √ᾱ z_t - √(1-ᾱ) v,
-      ε̂ = √ᾱ v + √(1-ᾱ) z_t;
-    - sample: x̂₀ is the output.
-    """
-    alpha_bar = torch.as_tensor(alpha_bar, dtype=sample.dtype, device=sample.device)
-    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    if prediction_type == "v_prediction":
-        # v-parameterisation (Salimans & Ho 2022, Sec. 4), the x4 upscaler's prediction type.
-        return a * sample - s * model_output, a * model_output + s * sample
-    if prediction_type == "epsilon":
-        return (sample - s * model_output) / a, model_output
-    if prediction_type == "sample":
-        return model_output, (sample - a * model_output) / s
-    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
-
-
-def ddim_step(sample: Tensor, model_output: Tensor, alpha_bar: float | Tensor, alpha_bar_prev: float | Tensor,
-              prediction_type: str, clip_range: float | None = None) -> tuple[Tensor, Tensor]:
-    """One deterministic DDIM step (eta = 0); returns (z_prev, x̂₀).
-
-    DDIM update (Song et al. 2021, Eq. 12 with σ = 0), the sampler of Stream-DiffVSR's 4-step UNet:
-    z_prev = √ᾱ_prev x̂₀ + √(1-ᾱ_prev) ε̂, with (x̂₀, ε̂) from `predict_x0_eps`. With `clip_range`
-    (diffusers' `clip_sample`), x̂₀ is clamped to ±clip_range first and ε̂ kept, as diffusers does.
-    """
-    x0, eps = predict_x0_eps(sample, model_output, alpha_bar, prediction_type)
-    if clip_range is not None:
-        x0 = x0.clamp(-clip_range, clip_range)
-    alpha_bar_prev = torch.as_tensor(alpha_bar_prev, dtype=sample.dtype, device=sample.device)
-    # Eq. (12), DDIM (Song et al. 2021), σ_t = 0.
-    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev).sqrt() * eps, x0
 
 
 # Temporal tiny autoencoder ------------------------------------------------------------------
@@ -315,7 +248,7 @@ class TemporalTinyBlock(nn.Module):
 class TinyEncoder(nn.Module):
     """TAESD encoder at x4: conv, blocks, then per stage a stride-2 conv and blocks; conv to latents."""
 
-    def __init__(self, config: TinyAutoencoderConfig) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = config.encoder_block_out_channels
@@ -350,7 +283,7 @@ class TinyEncoder(nn.Module):
 class TemporalTinyDecoder(nn.Module):
     """TAESD decoder at x4 whose blocks take the TPM temporal features."""
 
-    def __init__(self, config: TinyAutoencoderConfig) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         channels = config.decoder_block_out_channels
         layers: list[nn.Module] = [nn.Conv2d(config.latent_channels, channels[0], 3, padding=1),
@@ -384,18 +317,42 @@ class TemporalTinyDecoder(nn.Module):
         return x.mul(2).sub(1)
 
 
-class TemporalAutoencoderTiny(nn.Module):
-    """The temporal-aware tiny autoencoder (`vae/` of the official checkpoint)."""
+class TemporalAutoencoderTiny(ModelMixin, ConfigMixin):
+    """The temporal-aware tiny autoencoder (`vae/` of the official checkpoint).
 
-    def __init__(self, config: TinyAutoencoderConfig) -> None:
+    A diffusers model: `save_pretrained` / `from_pretrained(folder, subfolder="vae")` read and write
+    the official `config.json` + `diffusion_pytorch_model.safetensors`. Arguments are the official
+    config's keys (`TINY_AUTOENCODER_X4`); `block_out_channels`, `latent_magnitude`, `latent_shift`,
+    `shift_factor` and `force_upcast` are carried for the official file and not used.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        encoder_block_out_channels: tuple[int, ...] = (64, 64, 64),
+        decoder_block_out_channels: tuple[int, ...] = (64, 64, 64),
+        act_fn: str = "relu",
+        upsample_fn: str = "nearest",
+        latent_channels: int = 4,
+        upsampling_scaling_factor: int = 2,
+        num_encoder_blocks: tuple[int, ...] = (1, 3, 3),
+        num_decoder_blocks: tuple[int, ...] = (3, 3, 1),
+        latent_magnitude: float = 3,
+        latent_shift: float = 0.5,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+        force_upcast: bool = False,
+        block_out_channels: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
-        if len(config.encoder_block_out_channels) != len(config.num_encoder_blocks):
+        if len(encoder_block_out_channels) != len(num_encoder_blocks):
             raise ValueError("encoder_block_out_channels and num_encoder_blocks must have the same length")
-        if len(config.decoder_block_out_channels) != len(config.num_decoder_blocks):
+        if len(decoder_block_out_channels) != len(num_decoder_blocks):
             raise ValueError("decoder_block_out_channels and num_decoder_blocks must have the same length")
-        self.config = config
-        self.encoder = TinyEncoder(config)
-        self.decoder = TemporalTinyDecoder(config)
+        self.encoder = TinyEncoder(self.config)
+        self.decoder = TemporalTinyDecoder(self.config)
 
     @property
     def downscale(self) -> int:
@@ -417,7 +374,7 @@ class TemporalAutoencoderTiny(nn.Module):
 # Everything together ----------------------------------------------------------------------
 
 class StreamDiffVSRNet(nn.Module):
-    """UNet + ARTG ControlNet + temporal tiny autoencoder + the empty-prompt embedding.
+    """UNet + ARTG ControlNet + temporal tiny autoencoder + DDIM sampler + the empty-prompt embedding.
 
     Args:
         config: the network config.
@@ -428,38 +385,38 @@ class StreamDiffVSRNet(nn.Module):
         self.config = config
         self.unet = UNet2DConditionModel(**config.unet)
         self.controlnet = ControlNetModel(**config.controlnet)
-        self.vae = TemporalAutoencoderTiny(config.vae)
+        self.vae = TemporalAutoencoderTiny(**config.vae)
         # The UNet is conditioned on the text embedding of the empty prompt only; it is stored
         # precomputed, so inference needs no text encoder.
         self.register_buffer(
             "prompt_embeds", torch.zeros(1, config.prompt_length, config.unet["cross_attention_dim"]))
-        self.register_buffer("alphas_cumprod", alphas_cumprod(config.scheduler).float(), persistent=False)
+        with torch.device("cpu"):  # the schedule's tables stay real when the net is built on `meta`
+            self.scheduler = DDIMScheduler.from_config(config.scheduler)
+            self.scheduler.set_timesteps(config.num_inference_steps)
+        # Python ints: the sampler loop never reads a tensor back from the device.
+        self.timesteps = [int(t) for t in self.scheduler.timesteps]
         if self.controlnet_downscale != self.vae.downscale:
             raise ValueError(f"the ControlNet condition embedding downsamples by {self.controlnet_downscale} but "
                              f"the autoencoder by {self.vae.downscale}; they must match")
+
+    @classmethod
+    def from_components(cls, config: StreamDiffVSRConfig, unet: UNet2DConditionModel, controlnet: ControlNetModel,
+                        vae: TemporalAutoencoderTiny, prompt_embeds: Tensor) -> StreamDiffVSRNet:
+        """A net around already loaded components (`config` must describe them); nothing is initialised twice."""
+        with torch.device("meta"):
+            net = cls(config)
+        net.unet, net.controlnet, net.vae = unet, controlnet, vae
+        net.prompt_embeds = prompt_embeds
+        return net
 
     @property
     def controlnet_downscale(self) -> int:
         return 2 ** (len(self.config.controlnet["conditioning_embedding_out_channels"]) - 1)
 
     @property
-    def size_multiple(self) -> int:
-        """LR sizes must be multiples of this (the UNet's downsamplings)."""
-        return 2 ** (len(self.config.unet["block_out_channels"]) - 1)
-
-    @property
-    def timesteps(self) -> list[int]:
-        return ddim_timesteps(self.config.scheduler, self.config.num_inference_steps)
-
-    def alpha_bar(self, t: int) -> Tensor:
-        """ᾱ_t; for t < 0 (after the last step) ᾱ = 1 or ᾱ_0 by `set_alpha_to_one`, as in diffusers."""
-        if t >= 0:
-            return self.alphas_cumprod[t]
-        return torch.ones(()) if self.config.scheduler.set_alpha_to_one else self.alphas_cumprod[0]
-
-    def prev_timestep(self, t: int) -> int:
-        # diffusers' DDIM steps back by num_train_timesteps // steps whatever the spacing.
-        return t - self.config.scheduler.num_train_timesteps // self.config.num_inference_steps
+    def scale(self) -> int:
+        """HR pixels per LR pixel: the latents have the LR size and the autoencoder upsamples them."""
+        return self.vae.downscale
 
     def class_labels(self, batch: int, device: torch.device) -> Tensor | None:
         if self.config.unet.get("num_class_embeds") is None:
@@ -492,24 +449,23 @@ class StreamDiffVSRNet(nn.Module):
                          down_block_additional_residuals=down, mid_block_additional_residual=mid,
                          return_dict=False)[0]
 
-    def step(self, latents: Tensor, output: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """The scheduler's DDIM step from timestep `t`; returns (z_prev, x̂₀)."""
-        scheduler = self.config.scheduler
-        return ddim_step(latents, output, self.alpha_bar(t), self.alpha_bar(self.prev_timestep(t)),
-                         scheduler.prediction_type, scheduler.clip_sample_range if scheduler.clip_sample else None)
+    def step(self, output: Tensor, t: int, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """The scheduler's DDIM step (eta = 0) from timestep `t`; returns (z_prev, x̂₀)."""
+        result = self.scheduler.step(output, t, latents)
+        return result.prev_sample, result.pred_original_sample
 
     def sample(self, noise: Tensor, lr: Tensor, warped_prev: Tensor | None) -> Tensor:
         """Run the DDIM sampler from `noise` (z_T) and return the clean latents."""
         latents = noise
         for t in self.timesteps:
-            latents, _ = self.step(latents, self.denoise(latents, lr, t, warped_prev), t)
+            latents, _ = self.step(self.denoise(latents, lr, t, warped_prev), t, latents)
         return latents
 
     def upscale_frame(self, lr: Tensor, noise: Tensor, warped_prev: Tensor | None) -> Tensor:
         """One frame: LR `(B, 3, h, w)` in `[-1, 1]` -> HR `(B, 3, 4h, 4w)` in `[-1, 1]` (unclamped).
 
         Args:
-            lr: the LR frame, sizes multiples of `size_multiple`.
+            lr: the LR frame, sizes multiples of the networks' size multiple.
             noise: initial latents `(B, 4, h, w)`.
             warped_prev: the previous HR output warped to this frame, or None for the first frame.
         """

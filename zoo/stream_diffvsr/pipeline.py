@@ -12,29 +12,35 @@ Per frame t (the official pipeline's order):
 4. temporal-aware decoding with TPM features of the warped previous output.
 
 Weights load from the official Hub layout (`unet/`, `controlnet/`, `vae/`, `scheduler/`, each a
-`config.json` / `scheduler_config.json` with `diffusion_pytorch_model.safetensors`), which is also
-what `save_pretrained` writes, plus the empty-prompt embedding and the zoo's streaming settings.
+`config.json` / `scheduler_config.json` with `diffusion_pytorch_model.safetensors`, read and written
+by diffusers), which is also what `save_pretrained` writes, plus the empty-prompt embedding and the
+zoo's streaming settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import ControlNetModel, DDIMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from zoo.components.flow import FlowEstimator, resize_flow, warp
-from zoo.components.upscaler import VideoUpscaler, check_frame
-from zoo.stream_diffvsr.network import DDIMConfig, StreamDiffVSRConfig, StreamDiffVSRNet, TinyAutoencoderConfig
+from zoo.components.prompts import encode_prompt
+from zoo.components.tiling import pad_to_multiple
+from zoo.components.upscaler import (
+    VideoUpscaler,
+    check_frame,
+    cpu_state,
+    from_pretrained_strict,
+    load_strict,
+    read_safetensors,
+)
+from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet, TemporalAutoencoderTiny
 
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
 FLOW_WEIGHTS = "flow/model.safetensors"
 # Streaming settings that the official folders do not carry; they default to `full()`'s values.
@@ -59,13 +65,12 @@ class StreamSession:
         """Upscale the next frame `(3, H, W)` in `[0, 1]`; returns `(3, 4H, 4W)` in `[0, 1]`."""
         check_frame(lr_frame)
         up = self.upscaler
-        height, width = lr_frame.shape[-2:]
-        if self.prev_lr is not None and self.prev_lr.shape[-2:] != up.padded_size(height, width):
-            raise ValueError(f"every frame of a stream must have one size; got {height}x{width} after "
+        lr, padding = pad_to_multiple(lr_frame[None].to(up.device, torch.float32), up.size_multiple)
+        if self.prev_lr is not None and self.prev_lr.shape != lr.shape:
+            raise ValueError(f"every frame of a stream must have one size; got {tuple(lr_frame.shape[-2:])} after "
                              f"frames of another size")
-        lr = up.pad(lr_frame[None].to(up.device, torch.float32))
         net = up.net
-        noise = torch.randn((1, net.config.vae.latent_channels, *lr.shape[-2:]), generator=self.generator,
+        noise = torch.randn((1, net.vae.config.latent_channels, *lr.shape[-2:]), generator=self.generator,
                             device=up.device, dtype=torch.float32).to(up.dtype)
         warped_prev = None
         if self.prev_hr is not None:
@@ -74,7 +79,7 @@ class StreamSession:
         # The next frame is guided by the raw decoder output, as in the official pipeline.
         self.prev_lr, self.prev_hr = lr, hr
         out = (hr.float() / 2 + 0.5).clamp(0, 1)
-        return out[0, :, : up.scale * height, : up.scale * width]
+        return padding.crop(out[0], up.scale)
 
 
 class StreamDiffVSRUpscaler(VideoUpscaler):
@@ -82,27 +87,25 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
 
     Args:
         config: the network config (`StreamDiffVSRConfig.tiny()` / `.full()` or loaded).
+        net: existing networks to run (shared, not copied); built from `config` when None.
+        flow: an existing flow estimator (shared); built from `config` when None.
     """
 
     hub_name = "stream_diffvsr"
     config_class = StreamDiffVSRConfig
-    scale = 4
 
-    def __init__(self, config: StreamDiffVSRConfig) -> None:
+    def __init__(self, config: StreamDiffVSRConfig, net: StreamDiffVSRNet | None = None,
+                 flow: FlowEstimator | None = None) -> None:
         super().__init__(config)
-        self.net = StreamDiffVSRNet(config)
-        self.flow = FlowEstimator(config.flow_variant, pretrained=config.flow_pretrained,
-                                  num_flow_updates=config.flow_updates)
+        self.net = StreamDiffVSRNet(config) if net is None else net
+        self.scale = self.net.scale
+        self.flow = flow if flow is not None else FlowEstimator(
+            config.flow_variant, pretrained=config.flow_pretrained, num_flow_updates=config.flow_updates)
 
-    def padded_size(self, height: int, width: int) -> tuple[int, int]:
-        m = self.net.size_multiple
-        return -(-height // m) * m, -(-width // m) * m
-
-    def pad(self, lr: Tensor) -> Tensor:
-        """Pad LR `(N, 3, H, W)` by edge replication to the UNet's size multiple (cropped after)."""
-        height, width = lr.shape[-2:]
-        ph, pw = self.padded_size(height, width)
-        return F.pad(lr, (0, pw - width, 0, ph - height), mode="replicate")
+    @property
+    def size_multiple(self) -> int:
+        """LR frames are padded (edge replication) to multiples of this: the UNet's downsampling factor."""
+        return 2 ** (len(self.config.unet["block_out_channels"]) - 1)
 
     def warp_previous(self, prev_hr: Tensor, prev_lr: Tensor, lr: Tensor) -> Tensor:
         """The previous HR output warped onto the current frame.
@@ -135,119 +138,59 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("unet", "controlnet"):
-            module = getattr(self.net, name)
-            _write_component(folder / name, {"_class_name": type(module).__name__, **_plain(module.config)},
-                             module.state_dict())
-        vae = {"_class_name": "TemporalAutoencoderTiny", **dataclasses.asdict(self.config.vae),
-               "block_out_channels": list(self.config.vae.decoder_block_out_channels)}
-        _write_component(folder / "vae", vae, self.net.vae.state_dict())
-        (folder / "scheduler").mkdir(exist_ok=True)
-        scheduler = {"_class_name": "DDIMScheduler", **dataclasses.asdict(self.config.scheduler)}
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        for name in ("unet", "controlnet", "vae"):
+            getattr(self.net, name).save_pretrained(folder / name)
+        self.net.scheduler.save_pretrained(folder / "scheduler")
         save_file({"prompt_embeds": self.net.prompt_embeds.detach().float().cpu().contiguous()},
                   folder / PROMPT_EMBEDS)
-        settings = {key: getattr(self.config, key) for key in ZOO_SETTINGS}
-        (folder / "config.json").write_text(json.dumps({"hub_name": self.hub_name, **settings}, indent=2) + "\n")
+        self.write_config(folder, {key: getattr(self.config, key) for key in ZOO_SETTINGS})
         if not self.config.flow_pretrained:
             (folder / "flow").mkdir(exist_ok=True)
-            save_file(_contiguous(self.flow.state_dict()), folder / FLOW_WEIGHTS)
+            save_file(cpu_state(self.flow.state_dict()), folder / FLOW_WEIGHTS)
         return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> StreamDiffVSRUpscaler:
-        """Build from an official or exported folder; every component loads with `strict=True`.
+        """Build from an official or exported folder; every component must match its weights exactly.
 
         The empty-prompt embedding comes from `prompt_embeds.safetensors`, or is computed with
         the folder's `text_encoder/` and `tokenizer/` (the official repository's) when absent.
         """
         folder = Path(folder)
-        for rel in ("unet/config.json", "controlnet/config.json", "vae/config.json",
-                    "scheduler/scheduler_config.json"):
-            if not (folder / rel).is_file():
-                raise FileNotFoundError(f"{folder} is not a {cls.hub_name} weights folder: {rel} is missing")
-        settings: dict[str, Any] = {}
-        if (folder / "config.json").is_file():
-            meta = json.loads((folder / "config.json").read_text())
-            if meta.get("hub_name") != cls.hub_name:
-                raise ValueError(f"{folder} holds weights for {meta.get('hub_name')!r}, not {cls.hub_name!r}")
-            settings = {key: meta[key] for key in ZOO_SETTINGS if key in meta}
-        unet = _read_json(folder / "unet" / "config.json")
-        controlnet = _read_json(folder / "controlnet" / "config.json")
-        vae = _read_json(folder / "vae" / "config.json")
-        vae_fields = {f.name for f in dataclasses.fields(TinyAutoencoderConfig)}
-        vae_config = TinyAutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in vae.items() if k in vae_fields})
-        # Keys absent from the file take diffusers' DDIMScheduler defaults, as the official loader does.
-        scheduler = dict(DDIMScheduler.from_config(_read_json(folder / "scheduler" / "scheduler_config.json")).config)
-        if scheduler["thresholding"] or scheduler["rescale_betas_zero_snr"] or scheduler["trained_betas"] is not None:
-            raise ValueError(f"{folder}/scheduler uses DDIM options this sampler does not implement "
-                             f"(thresholding, rescale_betas_zero_snr, trained_betas)")
-        scheduler_fields = {f.name for f in dataclasses.fields(DDIMConfig)}
-        scheduler_config = DDIMConfig(**{k: v for k, v in scheduler.items() if k in scheduler_fields})
+        settings: dict[str, Any] = cls.read_config_data(folder, required=False) or {}
+        unknown = sorted(set(settings) - set(ZOO_SETTINGS))
+        if unknown:
+            raise ValueError(f"{folder}/config.json has unknown setting(s) {', '.join(unknown)}")
+        unet = from_pretrained_strict(UNet2DConditionModel, folder, "unet")
+        controlnet = from_pretrained_strict(ControlNetModel, folder, "controlnet")
+        vae = from_pretrained_strict(TemporalAutoencoderTiny, folder, "vae")
+        if not (folder / "scheduler" / "scheduler_config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a complete weights folder: scheduler/scheduler_config.json "
+                                    f"is missing")
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
         prompt = cls._read_prompt_embeds(folder)
         config = StreamDiffVSRConfig(
-            unet=_known_keys(UNet2DConditionModel, unet), controlnet=_known_keys(ControlNetModel, controlnet),
-            vae=vae_config, scheduler=scheduler_config, prompt_length=prompt.shape[1], **settings,
+            unet=_public(unet.config), controlnet=_public(controlnet.config), vae=_public(vae.config),
+            scheduler=_public(scheduler.config), prompt_length=prompt.shape[1], **settings,
         )
-        model = cls(config)
-        model.net.unet.load_state_dict(load_file(folder / "unet" / DIFFUSERS_WEIGHTS), strict=True)
-        model.net.controlnet.load_state_dict(load_file(folder / "controlnet" / DIFFUSERS_WEIGHTS), strict=True)
-        model.net.vae.load_state_dict(load_file(folder / "vae" / DIFFUSERS_WEIGHTS), strict=True)
-        model.net.prompt_embeds.copy_(prompt)
+        net = StreamDiffVSRNet.from_components(config, unet, controlnet, vae, prompt)
+        model = cls(config, net=net)
         if not config.flow_pretrained:
-            model.flow.load_state_dict(load_file(folder / FLOW_WEIGHTS), strict=True)
+            load_strict(model.flow, folder / FLOW_WEIGHTS)
         return model
 
     @staticmethod
     def _read_prompt_embeds(folder: Path) -> Tensor:
         if (folder / PROMPT_EMBEDS).is_file():
-            return load_file(folder / PROMPT_EMBEDS)["prompt_embeds"]
+            return read_safetensors(folder / PROMPT_EMBEDS)["prompt_embeds"]
         if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
-            return empty_prompt_embeds(folder / "text_encoder", folder / "tokenizer")
+            return encode_prompt(folder, [""])
         raise FileNotFoundError(
             f"{folder} has neither {PROMPT_EMBEDS} nor text_encoder/ + tokenizer/ to compute the empty-prompt "
             f"embedding; download those folders of the official repository too"
         )
 
 
-@torch.no_grad()
-def empty_prompt_embeds(text_encoder: Path, tokenizer: Path) -> Tensor:
-    """The CLIP text embedding `(1, 77, D)` of the empty prompt, as the official pipeline computes it.
-
-    Args:
-        text_encoder: folder of a `transformers.CLIPTextModel`.
-        tokenizer: folder of a `transformers.CLIPTokenizer`.
-    """
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(tokenizer)
-    ids = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    model = CLIPTextModel.from_pretrained(text_encoder).eval()
-    return model(ids)[0].float()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def _plain(config: Any) -> dict[str, Any]:
-    """A diffusers config as JSON-able data without its private (`_`) keys."""
+def _public(config: Any) -> dict[str, Any]:
+    """A diffusers config as plain JSON-able data without its private (`_`) keys."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
-
-
-def _known_keys(cls: type, config: dict[str, Any]) -> dict[str, Any]:
-    """`config` without private keys and keys that `cls` (this diffusers version) does not take."""
-    accepted = set(cls.extract_init_dict(config)[0]) if config else set()
-    return {k: v for k, v in config.items() if not k.startswith("_") and k in accepted}
-
-
-def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def _write_component(folder: Path, config: dict[str, Any], state: dict[str, Tensor]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(_contiguous(state), folder / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})

@@ -1,0 +1,105 @@
+"""The contract every hub entry keeps (DESIGN rule 7): a new paper joins by registering, nothing else.
+
+For each registered name: the tiny network builds; inference imports no training code; a whole clip
+equals its stream; an exported folder loads back to the same outputs; odd sizes come back at exactly
+`scale` times; malformed frames raise `ValueError`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+import zoo.hub as hub
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING_STACK = ("lightning", "pytorch_lightning", "torchmetrics", "pyiqa", "timm", "kornia", "zoo.components.train")
+
+_IMPORTS_PROBE = """
+import json, sys
+import torch
+import zoo
+from zoo.cli import zoo_main
+from zoo.components.video_io import write_video
+
+name, folder = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+frames = torch.rand(2, 3, 16, 16)
+zoo.load(name, pretrained=False, variant="tiny")(frames)
+torch.hub.load(sys.argv[3], name, source="local", pretrained=False, variant="tiny")
+write_video(folder + "/in.mp4", frames, fps=8)
+zoo_main(["upscale", folder + "/in.mp4", folder + "/out.mp4", "--model", name, "--random-weights",
+          "--variant", "tiny", "--device", "cpu"])
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+@pytest.fixture(scope="module", params=hub.list_models())
+def entry(request: pytest.FixtureRequest) -> tuple[str, zoo.VideoUpscaler]:
+    torch.manual_seed(0)
+    return request.param, zoo.load(request.param, pretrained=False, variant="tiny")
+
+
+def _frames(count: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _out_frames(upscaler: zoo.VideoUpscaler, count: int) -> int:
+    return (count - 1) * upscaler.temporal_scale + 1
+
+
+@pytest.mark.parametrize("name", hub.list_models())
+def test_inference_never_imports_the_training_stack(name: str, tmp_path: Path) -> None:
+    # A fresh interpreter: zoo.load, torch.hub.load and `zoo upscale` on a real file.
+    result = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, name, str(tmp_path), str(REPO)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = sorted(m for m in modules if m.split(".")[0] in TRAINING_STACK or m.startswith(TRAINING_STACK[-1]))
+    assert loaded == [], f"inference of {name} imported {loaded[:5]}"
+    assert (tmp_path / "out.mp4").is_file()
+
+
+def test_a_clip_equals_its_stream(entry) -> None:
+    _, upscaler = entry
+    frames = _frames(3, 16, 16)
+    whole = upscaler(frames)
+    streamed = torch.stack(list(upscaler.stream(frames.unbind(0))))
+    assert whole.shape == (_out_frames(upscaler, 3), 3, 16 * upscaler.scale, 16 * upscaler.scale)
+    assert torch.equal(whole, streamed)
+
+
+def test_export_then_load_reproduces_outputs_exactly(entry, tmp_path: Path) -> None:
+    name, upscaler = entry
+    folder = hub.export(upscaler, tmp_path / "export")
+    loaded = zoo.load(name, weights=folder)
+    frames = _frames(2, 16, 16)
+    assert torch.equal(loaded(frames), upscaler(frames))
+
+
+def test_odd_sizes_come_back_at_exactly_the_scale(entry) -> None:
+    _, upscaler = entry
+    out = upscaler(_frames(2, 37, 53))
+    assert out.shape == (_out_frames(upscaler, 2), 3, 37 * upscaler.scale, 53 * upscaler.scale)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize(("frames", "message"), [
+    (torch.rand(3, 16, 16), r"\(T, 3, H, W\)"),
+    (torch.rand(2, 4, 16, 16), r"\(T, 3, H, W\)"),
+    (torch.full((2, 3, 16, 16), 2.0), r"in \[0, 1\]"),
+    (torch.full((2, 3, 16, 16), float("nan")), r"in \[0, 1\]"),
+])
+def test_malformed_frames_raise_value_error(entry, frames: torch.Tensor, message: str) -> None:
+    _, upscaler = entry
+    with pytest.raises(ValueError, match=message):
+        upscaler(frames)
+    if frames.ndim == 4:
+        with pytest.raises(ValueError, match=message):
+            list(upscaler.stream(frames.unbind(0)))
