@@ -103,3 +103,11 @@ def test_malformed_frames_raise_value_error(entry, frames: torch.Tensor, message
     if frames.ndim == 4:
         with pytest.raises(ValueError, match=message):
             list(upscaler.stream(frames.unbind(0)))
+
+
+def test_unknown_options_are_refused_by_name(entry) -> None:
+    name, upscaler = entry
+    with pytest.raises(ValueError, match=rf"{name} takes no option\(s\) colour"):
+        upscaler.configure(colour="red")
+    with pytest.raises(ValueError, match="takes no option"):
+        zoo.load(name, pretrained=False, variant="tiny", colour="red")

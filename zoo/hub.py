@@ -171,7 +171,7 @@ def _unpublished(cfg: PretrainedCfg) -> str:
 
 
 def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: str | os.PathLike | None = None,
-         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VideoUpscaler:
+         device: str | torch.device | None = None, dtype: torch.dtype | None = None, **options: Any) -> VideoUpscaler:
     """Build the `VideoUpscaler` registered as `name`, in eval mode.
 
     Args:
@@ -182,6 +182,7 @@ def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: 
             paper's official layout where the paper publishes one).
         device: where to put the model.
         dtype: parameter dtype, e.g. `torch.bfloat16`.
+        **options: the pipeline's runtime options (`VideoUpscaler.configure`: tiles, chunks, ...).
     """
     from zoo.components.upscaler import check_variant
 
@@ -200,7 +201,7 @@ def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: 
         model = cls.from_pretrained(folder)
     else:
         model = cls.from_variant(variant)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.configure(**options).to(device=device, dtype=dtype).eval()
 
 
 # Model cards ------------------------------------------------------------------------------

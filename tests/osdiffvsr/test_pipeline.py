@@ -72,12 +72,12 @@ def test_latent_tiling(upscaler: OSDiffVSRUpscaler) -> None:
     frames = torch.rand(2, 3, 32, 48)
     whole = upscaler(frames)
     try:
-        upscaler.latent_tile = 32  # the latent is 16 x 24: one tile, same result
+        upscaler.configure(tile=64)  # the latent is 16 x 24: one 32-pixel tile, same result
         assert torch.allclose(upscaler(frames), whole, atol=1e-6)
-        upscaler.latent_tile, upscaler.latent_tile_overlap = 8, 4
+        upscaler.configure(tile=16, tile_overlap=8)  # 8-pixel latent tiles overlapping by 4
         tiled = upscaler(frames)
     finally:
-        upscaler.latent_tile = None
+        upscaler.configure(tile=None, tile_overlap=32)
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
     assert not torch.equal(tiled, whole)
 

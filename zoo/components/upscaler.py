@@ -106,18 +106,40 @@ class VideoUpscaler(nn.Module):
     `__init__` and set `scale` (and `temporal_scale` for space-time models) from it, and implement
     `stream`.
 
+    Runtime settings that change how a pipeline runs but not its weights (spatial tiles, temporal
+    chunks, colour fix, seed) are `options`: a subclass lists each with its default, they become
+    attributes, and `configure(**options)` (which `zoo.load(..., **options)` calls) sets them with one
+    clear error for a name the pipeline does not take. Sizes are in input (LR) pixels and input frames.
+
     Args:
         config: the network config dataclass (`config_class.tiny()` / `.full()` or loaded).
     """
 
     hub_name: ClassVar[str]
     config_class: ClassVar[type]
+    options: ClassVar[dict[str, Any]] = {}
     scale: int
     temporal_scale: int = 1
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
+        for name, default in self.options.items():
+            setattr(self, name, default)
+
+    def configure(self, **options: Any) -> VideoUpscaler:
+        """Set runtime options (see `options`); returns self."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = ", ".join(self.options) or "none"
+            raise ValueError(f"{self.hub_name} takes no option(s) {', '.join(unknown)}; its options are {takes}")
+        for name, value in options.items():
+            setattr(self, name, value)
+        self.check_options()
+        return self
+
+    def check_options(self) -> None:
+        """Raise `ValueError` for option values this pipeline cannot run with."""
 
     @classmethod
     def from_variant(cls, variant: str) -> VideoUpscaler:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -66,30 +67,38 @@ def published_keys(net: OSDiffVSRNet) -> set[str]:
 class OSDiffVSRUpscaler(VideoUpscaler):
     """OS-DiffVSR x4 upscaler (one SD-2.1 UNet step per frame, 3-frame window with fusion).
 
+    Options (`configure`): `tile`, the side in LR pixels of the square tiles on which the UNet step
+    runs, blended where they overlap (None: whole frames), and `tile_overlap`, their overlap in LR
+    pixels.
+
     Args:
         config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
         net: an existing generator to wrap; a new one is built from `config` when None.
-        latent_tile: run the UNet on latent tiles of this size (None: whole frames); a latent
-            pixel is 2 LR pixels, so 64 covers 128 x 128 LR pixels.
-        latent_tile_overlap: overlap of neighbouring latent tiles.
     """
 
     hub_name = "osdiffvsr"
     config_class = OSDiffVSRConfig
+    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32}
 
-    def __init__(self, config: OSDiffVSRConfig, net: OSDiffVSRNet | None = None, latent_tile: int | None = None,
-                 latent_tile_overlap: int = 16) -> None:
+    def __init__(self, config: OSDiffVSRConfig, net: OSDiffVSRNet | None = None) -> None:
         super().__init__(config)
         self.net = OSDiffVSRNet(config) if net is None else net
         self.scale = config.scale
-        self.latent_tile = latent_tile
-        self.latent_tile_overlap = latent_tile_overlap
+
+    def check_options(self) -> None:
+        if self.tile is not None and not 0 <= self.tile_overlap < self.tile:
+            raise ValueError(f"tile_overlap must be in [0, tile), got {self.tile_overlap} with tile {self.tile}")
+
+    @property
+    def latent_per_lr(self) -> float:
+        """Latent pixels per LR pixel (1/2 for x4 with a VAE factor of 8)."""
+        return self.scale / self.net.vae_factor
 
     def upscale_window(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True) -> Tensor:
         """HR frame `(N, 3, sH, sW)` of `current` `(N, 3, H, W)` given its neighbours; any H, W.
 
         Frames are padded (edge replication) to the network's size multiple and the output is
-        cropped back; with `latent_tile` the UNet step runs on blended latent tiles.
+        cropped back; with `tile` the UNet step runs on blended latent tiles.
         """
         net = self.net
         window, padding = pad_to_multiple(torch.cat([prev, current, next_]).to(self.device, self.dtype),
@@ -98,11 +107,12 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         z = net.encode(current)
         if fuse:
             z = net.fuse(prev, current, next_, z)
-        if self.latent_tile is None:
+        if self.tile is None:
             z_hat = net.denoise(z)
         else:
-            tiles = TilePlan(*z.shape[-2:], self.latent_tile, min(self.latent_tile_overlap, self.latent_tile - 1))
-            z_hat = tiles.apply(net.denoise, z)
+            size = max(1, round(self.tile * self.latent_per_lr))
+            overlap = min(round(self.tile_overlap * self.latent_per_lr), size - 1)
+            z_hat = TilePlan(*z.shape[-2:], size, overlap).apply(net.denoise, z)
         return padding.crop(net.decode(z_hat), self.scale)
 
     @torch.no_grad()

@@ -92,6 +92,15 @@ EXPECTED = {
 }
 
 
+def test_a_misspelt_loss_weight_stops_training_before_the_first_step(tmp_path) -> None:
+    module = ThreeLayers()
+    schedule = StageSchedule([Stage("only", steps=2, trainable=["a.*"], loss_weights={"l2": 1.0, "lpisp": 2.0})])
+    expected = r"stage 'only' weights unknown loss\(es\) lpisp; ThreeLayers computes l2, lpips"
+    with pytest.raises(ValueError, match=expected):
+        trainer(2, schedule, tmp_path).fit(module, loader())
+    assert module.records == []
+
+
 def test_stages_switch_at_milestones(tmp_path) -> None:
     module, schedule = ThreeLayers(), three_stages()
     b_before = module.b.weight.detach().clone()
