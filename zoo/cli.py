@@ -200,6 +200,7 @@ def _bench(ns: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `zoo` argument parser (tools only; Lightning subcommands are dispatched before parsing)."""
+    from zoo.evaluate import add_parser as add_evaluate_parser
     from zoo.hub import REGISTRY
 
     parser = argparse.ArgumentParser(
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better)")
     p.set_defaults(run=_upscale)
+
+    add_evaluate_parser(commands, names)
 
     p = commands.add_parser("bench", help="run a speed or memory benchmark")
     p.add_argument("name", nargs="?", help="benchmark name; omit to list them")
