@@ -269,15 +269,15 @@ def export(model: VideoUpscaler, folder: str | os.PathLike, *, repo_id: str | No
     return folder
 
 
-def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:
-    """Turn a Lightning checkpoint of a zoo LightningModule into a Hub folder (see `export`)."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+def upscaler_from_checkpoint(ckpt: str | os.PathLike) -> VideoUpscaler:
+    """The `VideoUpscaler` of a Lightning checkpoint written by a zoo LightningModule (needs the train extra)."""
     import pickle
 
     import torch
 
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
@@ -289,7 +289,12 @@ def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, *, rep
         raise ValueError(f"{ckpt} was not written by a vsr-zoo LightningModule (no 'zoo' entry)")
     module_cls = import_object(get_cfg(name).module)
     module = module_cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    return export(module.to_upscaler(), folder, repo_id=repo_id)
+    return module.to_upscaler()
+
+
+def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:
+    """Turn a Lightning checkpoint of a zoo LightningModule into a Hub folder (see `export`)."""
+    return export(upscaler_from_checkpoint(ckpt), folder, repo_id=repo_id)
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,

@@ -384,6 +384,7 @@ class PairedVideoDataset(Dataset):
             this many frames that cover each sequence, the last one ending at its final frame.
         temporal_skip: space-time VSR: "lr" keeps only key frames, with "key_frames"/"interp_frames";
             whole sequences are cut to the longest prefix ending on a key frame.
+        max_frames: use only the first `max_frames` frames of each sequence.
     """
 
     def __init__(
@@ -394,6 +395,7 @@ class PairedVideoDataset(Dataset):
         layout: str = "folders",
         clip_length: int | None = None,
         temporal_skip: int | None = None,
+        max_frames: int | None = None,
     ) -> None:
         if layout not in PAIRED_LAYOUTS:
             raise ValueError(f"unknown paired layout {layout!r}; expected one of {list(PAIRED_LAYOUTS)}")
@@ -429,7 +431,7 @@ class PairedVideoDataset(Dataset):
         self.items = [
             (i, start, length)
             for i, (_, gt) in enumerate(self.pairs)
-            for start, length in _windows(gt.num_frames, clip_length, temporal_skip)
+            for start, length in _windows(min(gt.num_frames, max_frames or gt.num_frames), clip_length, temporal_skip)
         ]
 
     def __len__(self) -> int:
@@ -446,21 +448,35 @@ class PairedVideoDataset(Dataset):
         return _add_key_frames(item, self.temporal_skip, length)
 
 
-class LRVideoDataset(Dataset):
-    """Real-world LR sequences without GT (VideoLQ: root/<seq>/<frame>.png; video files in root too).
+class SequenceDataset(Dataset):
+    """Whole sequences (or windows of them) of one side: GT clips to degrade, or LR clips without GT.
+
+    Frame folders `root/<seq>/<frame>.png` and video files in `root` (or `root` itself as one video).
 
     Args:
         root: dataset root.
+        field: the item key of the frames: `"hr"` (ground truth, LR made by a degradation) or `"lr"`
+            (real-world LR such as VideoLQ, no ground truth).
         clip_length: None yields whole sequences; else windows covering each sequence (as in
             `PairedVideoDataset`).
+        max_frames: use only the first `max_frames` frames of each sequence.
+        temporal_skip: space-time VSR with `field="hr"`: add "key_frames"/"interp_frames"; whole
+            sequences are cut to the longest prefix ending on a key frame.
     """
 
-    def __init__(self, root: str | Path, *, clip_length: int | None = None) -> None:
-        self.sequences = discover_sequences(root, "youhq")
+    def __init__(self, root: str | Path, *, field: str = "hr", clip_length: int | None = None,
+                 max_frames: int | None = None, temporal_skip: int | None = None) -> None:
+        if field not in ("hr", "lr"):
+            raise ValueError(f"field must be 'hr' or 'lr', got {field!r}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.field, self.temporal_skip = field, temporal_skip
+        self.sequences = discover_sequences(root, "videos" if Path(root).is_file() else "youhq")
         self.items = [
             (i, start, length)
             for i, sequence in enumerate(self.sequences)
-            for start, length in _windows(sequence.num_frames, clip_length, None)
+            for start, length in _windows(min(sequence.num_frames, max_frames or sequence.num_frames), clip_length,
+                                          temporal_skip)
         ]
 
     def __len__(self) -> int:
@@ -469,7 +485,20 @@ class LRVideoDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, start, length = self.items[index]
         sequence = self.sequences[which]
-        return {"lr": _to_unit_float(sequence.read(start, length)), "key": f"{sequence.key}/{start:08d}"}
+        item = {self.field: _to_unit_float(sequence.read(start, length)), "key": f"{sequence.key}/{start:08d}"}
+        return _add_key_frames(item, self.temporal_skip, length)
+
+
+class LRVideoDataset(SequenceDataset):
+    """Real-world LR sequences without GT (VideoLQ: root/<seq>/<frame>.png; video files in root too).
+
+    Args:
+        root: dataset root.
+        clip_length: None yields whole sequences; else windows covering each sequence.
+    """
+
+    def __init__(self, root: str | Path, *, clip_length: int | None = None) -> None:
+        super().__init__(root, field="lr", clip_length=clip_length)
 
 
 class SampleClipDataset(Dataset):
