@@ -81,10 +81,23 @@ def lightning_main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(f"lightning: error: training needs the train extra ({err.name} is not installed): "
                          f"pip install 'vsr-zoo[train]'") from None
 
+    class ZooCLI(LightningCLI):
+        """LightningCLI whose recipe mistakes (a missing dataset root, a bad value) end in one sentence."""
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, OSError) as err:
+                # jsonargparse wraps a class's own error in its type check: report the innermost one.
+                while isinstance(err.__cause__ or err.__context__, (ValueError, OSError)):
+                    err = err.__cause__ or err.__context__
+                print(f"lightning: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
     # LightningCLI reads sys.argv; the command line is handed over there (with packaged recipe paths
     # resolved) rather than as `args`, which Lightning would flag as given twice.
     sys.argv = [sys.argv[0], *_with_packaged_recipes(sys.argv[1:] if args is None else args)]
-    LightningCLI(
+    ZooCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

@@ -89,6 +89,15 @@ class WeightsUnavailableError(OSError):
     """Weights could not be found locally or downloaded."""
 
 
+class WeightsIntegrityError(ValueError):
+    """A weights file differs from the digest recorded for it: damaged, truncated or changed."""
+
+
+CHECKSUMS = "SHA256SUMS"
+"""Written by `export` beside the weights: `<sha256>  <path>` per weight and config file (`sha256sum -c`
+reads it); `load` checks a folder against it before reading any weight."""
+
+
 def list_models() -> list[str]:
     """Every hub name, in registry order."""
     return list(REGISTRY)
@@ -151,18 +160,52 @@ def resolve_weights(weights: str | os.PathLike, *, revision: str | None = None,
     return Path(folder)
 
 
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verify_sha256(folder: Path, digests: dict[str, str]) -> None:
-    """Check the files in `folder` against `digests`; a mismatch or missing file raises."""
+    """Check the files in `folder` against `digests` (path in folder -> hex sha256).
+
+    Raises:
+        WeightsUnavailableError: a listed file is missing.
+        WeightsIntegrityError: a file's digest differs, naming the file.
+    """
     for rel, expected in digests.items():
         file = folder / rel
         if not file.is_file():
-            raise WeightsUnavailableError(f"{file} is missing from the downloaded weights")
-        digest = hashlib.sha256()
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise WeightsUnavailableError(f"{file} has sha256 {digest.hexdigest()}, expected {expected}")
+            raise WeightsUnavailableError(f"{file} is missing from the weights folder {folder}")
+        actual = file_sha256(file)
+        if actual != expected:
+            raise WeightsIntegrityError(f"{file} is damaged or was changed: sha256 {actual}, expected {expected}")
+
+
+def write_checksums(folder: Path) -> Path:
+    """Record the sha256 of every weight and config file of an exported `folder` in `SHA256SUMS`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
+    lines = [f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    path = folder / CHECKSUMS
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def verify_checksums(folder: Path) -> None:
+    """Check `folder` against its `SHA256SUMS`, when it has one (exported folders do)."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return
+    digests = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64 or not rel:
+            raise WeightsIntegrityError(f"{path} line {number} is not '<sha256>  <path>': {line[:80]!r}")
+        digests[rel] = digest
+    verify_sha256(folder, digests)
 
 
 def _unpublished(cfg: PretrainedCfg) -> str:
@@ -190,7 +233,9 @@ def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: 
     check_variant(variant)
     cls = upscaler_class(name)
     if weights is not None:
-        model = cls.from_pretrained(resolve_weights(weights))
+        folder = resolve_weights(weights)
+        verify_checksums(folder)
+        model = cls.from_pretrained(folder)
     elif pretrained:
         if cfg.repo_id is None:
             raise WeightsUnavailableError(_unpublished(cfg) + " (or pretrained=False for random weights)")
@@ -266,6 +311,7 @@ def export(model: VideoUpscaler, folder: str | os.PathLike, *, repo_id: str | No
     """Write a Hub-ready folder: the model's weights and config plus its rendered card as README.md."""
     folder = model.save_pretrained(folder)
     render_card(model.hub_name, repo_id=repo_id).save(folder / "README.md")
+    write_checksums(folder)
     return folder
 
 

@@ -639,6 +639,10 @@ class VSRDataModule(LightningDataModule):
         super().__init__()
         if crop_size % scale:
             raise ValueError(f"crop_size must be a multiple of scale={scale}, got {crop_size}")
+        # Checked here, before any network is built, so a mistyped root costs nothing.
+        for root in [*(train_roots or []), *(val_roots or [])]:
+            if not Path(root).exists():
+                raise ValueError(f"dataset root {root} does not exist")
         self.save_hyperparameters(ignore=[] if isinstance(degradation, str) else ["degradation"])
         self.train_roots, self.val_roots = train_roots, val_roots
         self.clip_length, self.crop_size, self.stride = clip_length, crop_size, stride
