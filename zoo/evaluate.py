@@ -108,7 +108,7 @@ def _labels(models: Sequence[str], weights: Sequence[str | None], checkpoints: S
 
 def add_parser(commands: argparse._SubParsersAction, names: Sequence[str]) -> None:
     """Register `zoo evaluate` on the `zoo` command's subparsers."""
-    from zoo.components.train.benchmarks import EVAL_LAYOUTS
+    from zoo.components.benchmarks import EVAL_LAYOUTS
 
     p = commands.add_parser("evaluate", help="score models on a benchmark: the papers' tables on your data",
                             description=__doc__.split("\n\n")[0])

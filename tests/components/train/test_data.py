@@ -376,9 +376,12 @@ def test_datamodule_signature_builds_from_the_command_line(tmp_path):
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(VSRDataModule, "data")
-    config = parser.parse_args(["--data.degradation=blurdown", "--data.crop_size=16", "--data.train_roots=[a, b]"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    roots = f"--data.train_roots=[{tmp_path / 'a'}, {tmp_path / 'b'}]"
+    config = parser.parse_args(["--data.degradation=blurdown", "--data.crop_size=16", roots])
     datamodule = parser.instantiate_classes(config).data
-    assert datamodule.train_roots == ["a", "b"] and datamodule.crop_size == 16
+    assert datamodule.train_roots == [str(tmp_path / "a"), str(tmp_path / "b")] and datamodule.crop_size == 16
     assert math.isclose(datamodule.degradation.sigma, 1.6)
 
 

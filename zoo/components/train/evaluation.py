@@ -27,7 +27,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.components.train.benchmarks import EVAL_LAYOUTS
+from zoo.components.benchmarks import EVAL_LAYOUTS
 from zoo.components.train.data import DEGRADATIONS, PairedVideoDataset, SequenceDataset, build_degradation
 from zoo.components.train.metrics import METRIC_NAMES, VideoMetrics
 from zoo.components.upscaler import VideoUpscaler
