@@ -42,6 +42,14 @@ def test_defaults_are_the_papers_settings(upscaler: PSSRUpscaler) -> None:
     assert upscaler.scale == 4 and upscaler.net.size_multiple == 4
 
 
+def test_hub_loads_in_bfloat16_with_float32_islands() -> None:
+    up = zoo.hub.load("pssr", pretrained=False, variant="tiny", dtype=torch.bfloat16)
+    assert up.dtype == torch.bfloat16 and up.net.vae.decoder.conv_out.weight.dtype == torch.float32
+    assert up.net.base.blocks[0].norm2.weight.dtype == torch.float32
+    out = up(_frames(1))
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)
+
+
 def test_one_chunk_is_the_sampler_on_the_padded_clip(upscaler: PSSRUpscaler) -> None:
     frames = _frames(3, 9, 10)
     out = upscaler(frames)
@@ -172,11 +180,52 @@ def test_folder_mismatch_is_reported(upscaler: PSSRUpscaler, tmp_path: Path) -> 
         PSSRUpscaler.from_pretrained(tmp_path)
 
 
-def write_wan_folder(folder: Path, config: PSSRConfig, seed: int = 0) -> None:
-    """A diffusers Wan2.1 folder of the tiny sizes (transformer/, vae/), without adapters."""
+def write_wan_folder(folder: Path, config: PSSRConfig, seed: int = 0, *, text: bool = False) -> None:
+    """A diffusers Wan2.1 folder of the tiny sizes (transformer/, vae/ and, with `text`, a tiny UMT5 and tokenizer)."""
     torch.manual_seed(seed)
     WanTransformer3DModel(**config.transformer).save_pretrained(folder / "transformer")
     AutoencoderKLWan(**config.vae).save_pretrained(folder / "vae")
+    if text:
+        from tokenizers import Tokenizer, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+        words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4}, unk_token="<unk>"))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>",
+                                unk_token="<unk>").save_pretrained(folder / "tokenizer")
+        umt5 = UMT5Config(vocab_size=5, d_model=config.transformer["text_dim"], d_kv=8, d_ff=16, num_layers=1,
+                          num_heads=2)
+        UMT5EncoderModel(umt5).save_pretrained(folder / "text_encoder")
+
+
+def test_load_base_fills_the_networks_and_wans_empty_prompt(tmp_path: Path) -> None:
+    from transformers import UMT5EncoderModel
+
+    from zoo.pssr.module import PSSRModule
+    from zoo.pssr.network import PSSRNet, encode_wan_prompt
+
+    folder = tmp_path / "wan"
+    write_wan_folder(folder, PSSRConfig.tiny(), text=True)
+    net = PSSRNet(PSSRConfig.tiny())
+    net.load_base(folder)
+    published = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")
+    assert torch.equal(net.base.blocks[4].ffn.net[2].base_layer.weight, published.blocks[4].ffn.net[2].weight)
+    assert torch.equal(net.vae.decoder.conv_out.weight,
+                       AutoencoderKLWan.from_pretrained(folder, subfolder="vae").decoder.conv_out.weight)
+    # Wan's text condition: the prompt's tokens (with the end token) under their mask, then zeros to the length.
+    encoder = UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        end_token = encoder(torch.tensor([[1]])).last_hidden_state.float()[0]
+        a_cat = encoder(torch.tensor([[3, 4, 1]])).last_hidden_state.float()[0]
+    assert net.prompt_embeds.shape == (1, 8, 32)
+    assert torch.equal(net.prompt_embeds[0, :1], end_token) and not net.prompt_embeds[0, 1:].any()
+    embeds = encode_wan_prompt(folder, ["a cat"], max_length=8)
+    assert torch.allclose(embeds[0, :3], a_cat, atol=2e-2) and not embeds[0, 3:].any()
+    # The training module's VSD models are the loaded pretrained DiT.
+    module = PSSRModule(variant="tiny", lora_rank=4, base_model=str(folder), perceptual_pretrained=False)
+    assert torch.equal(module.vsd_real.blocks[4].ffn.net[2].weight, published.blocks[4].ffn.net[2].weight)
+    assert torch.equal(module.net.prompt_embeds, net.prompt_embeds)
 
 
 def test_folder_with_base_model_omits_the_published_weights(upscaler: PSSRUpscaler, tmp_path: Path) -> None:

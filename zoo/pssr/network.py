@@ -376,14 +376,20 @@ class FeatureFusion(nn.Linear):
         return super().forward(torch.cat([hidden, base_hidden.to(hidden.dtype)], dim=-1))
 
 
-def merged_lora_state(model: nn.Module) -> dict[str, Tensor]:
+def merged_lora_state(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, Tensor]:
     """`model`'s state with every active peft LoRA folded into its base weight, under the plain model's keys.
 
     `W + (alpha / r) B A` through peft's own `get_delta_weight`; `model` is not changed.
+
+    Args:
+        model: a model with peft LoRA layers.
+        skip: prefixes of state keys (and module names) to leave out, so that only the merged weights
+            needed are made.
     """
-    state = {key.replace(".base_layer", ""): value for key, value in model.state_dict().items() if "lora_" not in key}
+    state = {key.replace(".base_layer", ""): value for key, value in model.state_dict().items()
+             if "lora_" not in key and not key.startswith(skip)}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and not f"{name}.".startswith(skip):
             for adapter in module.active_adapters:
                 state[f"{name}.weight"] = state[f"{name}.weight"] + module.get_delta_weight(adapter)
     return state
@@ -418,14 +424,9 @@ class DraftTransformer(nn.Module):
 
         Copies in place, so optimizers holding these parameters stay valid.
         """
-        state = {}
-        for key, value in merged_lora_state(base).items():
-            if key.startswith("blocks."):
-                _, index, rest = key.split(".", 2)
-                if int(index) in self.kept:
-                    state[f"blocks.{self.kept.index(int(index))}.{rest}"] = value
-            else:
-                state[key] = value
+        state = merged_lora_state(base, skip=("blocks.",))
+        for j, k in enumerate(self.kept):  # merge only the kept blocks
+            state.update({f"blocks.{j}.{key}": value for key, value in merged_lora_state(base.blocks[k]).items()})
         self.transformer.load_state_dict(state, strict=True)
         for fusion in self.fusion:
             fusion.reset_parameters()

@@ -103,6 +103,11 @@ class PSSRUpscaler(VideoUpscaler):
         self.net = PSSRNet(config) if net is None else net
         self.scale = config.scale
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The DiTs' compute dtype (the VAE and the DiTs' float32 islands stay float32 under a half dtype)."""
+        return self.net.dit_dtype
+
     def check_options(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
