@@ -161,6 +161,20 @@ def test_eq12_draft_objective_by_hand(module: PSSRModule, monkeypatch: pytest.Mo
     assert decoded.shape == target.shape == (1, 3, 16, 16)
 
 
+def test_pixel_crops_decode_the_latents_over_the_hr_pixels_they_cover(module: PSSRModule,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(module.net, "decode", _stub_decoder)
+    module.perceptual = ConstantDistance(0.0)
+    module.loss_weights = {"pixel_l2": 1.0}
+    z_hat = torch.randn(1, 16, 1, 5, 6)
+    hr = _stub_decoder(z_hat)  # HR pixels [8i, 8i + 8) x [8j, 8j + 8) show latent pixel (i, j)
+    for seed in range(6):  # random 2 x 2 latent crops (16 HR pixels) anywhere in the 5 x 6 latent
+        torch.manual_seed(seed)
+        assert module.pixel_losses(z_hat, hr)["pixel_l2"].item() == 0.0
+    shifted = torch.roll(hr, 8, dims=-1)
+    assert any(module.pixel_losses(z_hat, shifted)["pixel_l2"].item() > 0 for _ in range(3))
+
+
 def test_eq10_base_objective_routes_each_loss_to_its_weight(module: PSSRModule,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     z_L, z_H = torch.full((1, 16, 1, 2, 2), 3.0), torch.full((1, 16, 1, 2, 2), 1.0)

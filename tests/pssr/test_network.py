@@ -165,6 +165,8 @@ def test_base_features_are_the_outputs_of_the_kept_blocks(net: PSSRNet) -> None:
     assert torch.equal(features[1], seen["head_in"])  # output of block 5, the last = what the head reads
     with torch.no_grad():
         assert torch.equal(velocity, net.base_velocity(z)[0])  # capturing changes nothing
+        # sigma_T = 1: the base always runs at timestep 1000.
+        assert torch.equal(velocity, net.base(z, torch.tensor([1000.0]), net.prompt_embeds, return_dict=False)[0])
 
 
 def test_draft_reads_the_base_features_of_the_same_block(net: PSSRNet) -> None:
@@ -185,6 +187,18 @@ def test_draft_reads_the_base_features_of_the_same_block(net: PSSRNet) -> None:
         context = net.prompt_embeds
         assert torch.equal(draft(z_t, torch.tensor([1000.0]), context, features), base_velocity)
         assert not torch.equal(draft(z_t, torch.tensor([1000.0]), context, features[::-1]), base_velocity)
+
+
+def test_draft_gradient_checkpointing_gives_the_same_gradients(net: PSSRNet) -> None:
+    torch.manual_seed(5)
+    z, features = torch.randn(1, 16, 2, 4, 6), [torch.randn(1, 12, 24) for _ in net.draft.kept]
+    gradients = []
+    for checkpointing in (False, True):
+        draft = copy.deepcopy(net.draft).train()
+        draft.gradient_checkpointing = checkpointing
+        draft(z, torch.tensor([250.0]), net.prompt_embeds, features).square().mean().backward()
+        gradients.append([p.grad for p in draft.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*gradients))
 
 
 # The flow: Eqs. (2)-(7) -------------------------------------------------------------------------
