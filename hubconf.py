@@ -18,3 +18,8 @@ def stream_diffvsr(*, pretrained=True, variant="full", weights=None, device=None
     """Stream-DiffVSR: causal streaming x4 VSR, 4-step DDIM with auto-regressive temporal guidance."""
     return _load("stream_diffvsr", pretrained=pretrained, variant=variant, weights=weights, device=device,
                  dtype=dtype)
+
+
+def pssr(*, pretrained=True, variant="full", weights=None, device=None, dtype=None):
+    """PS-SR: pseudo-single-step x4 VSR, one Wan2.1 base step then pruned-draft steps via speculative diffusion."""
+    return _load("pssr", pretrained=pretrained, variant=variant, weights=weights, device=device, dtype=dtype)

@@ -77,6 +77,15 @@ REGISTRY: dict[str, PretrainedCfg] = {
         files=("controlnet/*", "unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*"),
         base_models=("stabilityai/stable-diffusion-x4-upscaler",),
     ),
+    "pssr": PretrainedCfg(
+        paper="PS-SR",
+        paradigm="pseudo-single-step: one Wan2.1 base step, then pruned-draft steps adding only high frequencies",
+        upscaler="zoo.pssr.pipeline:PSSRUpscaler",
+        module="zoo.pssr.module:PSSRModule",
+        recipe="recipes/pssr.yaml",
+        repo_id=None,
+        base_models=("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",),
+    ),
 }
 
 GITHUB_REPO = "vsr-zoo/vsr-zoo"
