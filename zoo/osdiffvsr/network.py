@@ -368,8 +368,9 @@ class OSDiffVSRNet(nn.Module):
 
     def encode(self, frames: Tensor) -> Tensor:
         """VAE latents `Z` of LR frames `(N, 3, h, w)` in [0, 1], bicubic-upsampled by `config.scale` first."""
+        # Bicubic (the paper is silent; OSEDiff upsamples bicubically at test time, with a random mode in training).
         up = F.interpolate(frames, scale_factor=self.config.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        # The posterior mean keeps inference deterministic (OSEDiff samples; its std is ~1e-3 here).
+        # The posterior mean keeps inference deterministic (the paper is silent; OSEDiff samples the posterior).
         return self.vae.encode(up * 2 - 1).latent_dist.mode() * self.config.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
