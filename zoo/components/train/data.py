@@ -242,6 +242,12 @@ class VideoClipDataset(Dataset):
         sequence_list: optional list file per root (see `discover_sequences`).
         temporal_skip: space-time VSR: add "key_frames"/"interp_frames" (`temporal_subsample`).
         seed: base seed of the random augmentation.
+        exclude: sequence keys left out (e.g. a test set kept inside the training roots); each must
+            name a sequence of the roots.
+
+    Items: "hr" `(clip_length, 3, H, W)`, "key" `"<sequence>/<first frame:08d>"` and "frame_index"
+    `(clip_length,)`, the indices in the sequence of the clip's frames, in the item's order (so
+    reversed with the clip).
     """
 
     def __init__(
@@ -257,6 +263,7 @@ class VideoClipDataset(Dataset):
         sequence_list: str | None = None,
         temporal_skip: int | None = None,
         seed: int = 0,
+        exclude: Sequence[str] = (),
     ) -> None:
         if clip_length < 1 or stride < 1:
             raise ValueError(f"clip_length and stride must be >= 1, got {clip_length} and {stride}")
@@ -267,9 +274,11 @@ class VideoClipDataset(Dataset):
         self.flip, self.temporal_reverse, self.temporal_skip = flip, temporal_reverse, temporal_skip
         self.seed, self.epoch = seed, 0
         span = (clip_length - 1) * stride + 1
-        self.sequences = [
-            s for root in roots for s in discover_sequences(root, layout, sequence_list) if s.num_frames >= span
-        ]
+        found = [s for root in roots for s in discover_sequences(root, layout, sequence_list)]
+        unknown = sorted(set(exclude) - {s.key for s in found})
+        if unknown:
+            raise ValueError(f"exclude names sequences {unknown[:3]} that {[str(r) for r in roots]} do not hold")
+        self.sequences = [s for s in found if s.num_frames >= span and s.key not in set(exclude)]
         if not self.sequences:
             raise ValueError(f"no sequence under {[str(r) for r in roots]} has the {span} frames a clip spans")
         # Cumulative window counts: index -> sequence by bisection, without a per-window list.
@@ -299,13 +308,15 @@ class VideoClipDataset(Dataset):
             left = int(torch.randint(width - crop_w + 1, (), generator=generator))
             frames = frames[..., top : top + crop_h, left : left + crop_w]
         coins = torch.rand(3, generator=generator) < 0.5
+        frame_index = start + self.stride * torch.arange(self.clip_length)
         if self.flip and coins[0]:
             frames = frames.flip(-1)
         if self.flip and coins[1]:
             frames = frames.flip(-2)
         if self.temporal_reverse and coins[2]:
-            frames = frames.flip(0)
-        item = {"hr": _to_unit_float(frames).contiguous(), "key": f"{sequence.key}/{start:08d}"}
+            frames, frame_index = frames.flip(0), frame_index.flip(0)
+        item = {"hr": _to_unit_float(frames).contiguous(), "key": f"{sequence.key}/{start:08d}",
+                "frame_index": frame_index}
         return _add_key_frames(item, self.temporal_skip, self.clip_length)
 
 
