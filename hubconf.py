@@ -18,3 +18,8 @@ def stream_diffvsr(*, pretrained=True, variant="full", weights=None, device=None
     """Stream-DiffVSR: causal streaming x4 VSR, 4-step DDIM with auto-regressive temporal guidance."""
     return _load("stream_diffvsr", pretrained=pretrained, variant=variant, weights=weights, device=device,
                  dtype=dtype)
+
+
+def osdenhancer(*, pretrained=True, variant="full", weights=None, device=None, dtype=None):
+    """OSDEnhancer: one-step space-time VSR (CogVideoX1.5-5B, TR-SE LoRA experts, deformable decoder), x4 / x2 fps."""
+    return _load("osdenhancer", pretrained=pretrained, variant=variant, weights=weights, device=device, dtype=dtype)

@@ -525,7 +525,7 @@ class OSDEnhancerTransformer(CogVideoXTransformer3DModel):
             encoder_hidden_states: the prompt embedding `(B, L, D)`.
             res_hidden_states: z^Δ, the shape of `hidden_states`.
             timestep: `(B,)`.
-            image_rotary_emb: the 3-D rotary embedding (`OSDEnhancerNet.rotary_embedding`).
+            image_rotary_emb: the 3-D rotary embedding (`rotary_embedding`).
             return_dict: as diffusers.
         """
         gate, gate_ff0 = self.res_patch(res_hidden_states)
@@ -831,6 +831,21 @@ class OSDEnhancerVAE(AutoencoderKLCogVideoX):
 
 # Everything together ------------------------------------------------------------------------
 
+def rotary_embedding(config: Any, latents: Tensor) -> tuple[Tensor, Tensor]:
+    """The CogVideoX1.5 3-D rotary embedding of latents `(B, F, C, h, w)` for a transformer `config`.
+
+    diffusers' "slice" grid over the token grid `(F / p_t, h / p, w / p)`, with the grid itself as its
+    maximum size (the official pipeline's choice; diffusers' CogVideoX pipeline passes the training size,
+    which gives the same prefix of frequencies and fails beyond it).
+    """
+    p, p_t = config.patch_size, config.patch_size_t
+    f, _, h, w = latents.shape[1:]
+    grid = (h // p, w // p)
+    return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
+                                   temporal_size=(f + p_t - 1) // p_t, grid_type="slice", max_size=grid,
+                                   device=latents.device)
+
+
 class OSDEnhancerNet(nn.Module):
     """Transformer + VAE + v-prediction schedule + the empty-prompt embedding (L163).
 
@@ -888,16 +903,6 @@ class OSDEnhancerNet(nn.Module):
         latents = posterior.sample(generator) if sample else posterior.mode()
         return (latents * self.scaling_factor).transpose(1, 2)
 
-    def rotary_embedding(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """The CogVideoX1.5 3-D rotary embedding ("slice" grid) of latents `(B, F, C, h, w)`."""
-        config = self.transformer.config
-        p, p_t = config.patch_size, config.patch_size_t
-        f, _, h, w = latents.shape[1:]
-        grid = (h // p, w // p)
-        return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
-                                       temporal_size=(f + p_t - 1) // p_t, grid_type="slice", max_size=grid,
-                                       device=latents.device)
-
     def velocity(self, latents: Tensor, residual_latents: Tensor) -> Tensor:
         """`v_θ(z, c, t)`: the transformer's prediction at the configured timestep.
 
@@ -908,7 +913,8 @@ class OSDEnhancerNet(nn.Module):
         dtype = self.transformer.dtype
         prompt = self.prompt_embedding.to(dtype).expand(batch, -1, -1)
         return self.transformer(latents.to(dtype), prompt, residual_latents.to(dtype), timestep,
-                                image_rotary_emb=self.rotary_embedding(latents), return_dict=False)[0]
+                                image_rotary_emb=rotary_embedding(self.transformer.config, latents),
+                                return_dict=False)[0]
 
     def one_step(self, latents: Tensor, velocity: Tensor) -> Tensor:
         """Eq. (1), L73: `z_out = sqrt(ᾱ_t) z_in - sqrt(1 - ᾱ_t) v` with the schedule's `ᾱ_t`.
