@@ -240,7 +240,7 @@ def test_official_state_needs_both_se_factors_of_every_adapted_layer(tiny_upscal
     plain = official_transformer_state(state)
     assert "proj_out.weight" in plain and not any("TE_lora" in key or "base_layer" in key for key in plain)
     broken = {k: v for k, v in state.items() if k != "proj_out.lora_B.TE_lora.weight"}
-    with pytest.raises(ValueError, match="e.g. proj_out"):
+    with pytest.raises(ValueError, match=r"e\.g\. proj_out"):
         official_transformer_state(broken)
 
 
