@@ -88,6 +88,26 @@ def warp_loss(frames: Tensor, flow_fn: FlowFn, high_pass_fn: Callable[[Tensor], 
     return (error / (c * mask.sum((1, 2, 3)) + xi)).mean()  # Eq. (12), OSDEnhancer
 
 
+@torch.no_grad()
+def encode_empty_prompt(model: str, max_length: int) -> Tensor:
+    """The T5 embedding `(L, D)` of the empty prompt, as CogVideoX's pipelines encode prompts.
+
+    The tokenizer pads `""` to `max_length` tokens (226 for CogVideoX) and the encoder's last hidden state is
+    the condition (L163: "empty text embeddings as conditions", following DOVE).
+
+    Args:
+        model: a folder or Hub id with `text_encoder/` (T5) and `tokenizer/`, e.g. CogVideoX1.5-5B.
+        max_length: tokens L.
+    """
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    encoder = T5EncoderModel.from_pretrained(model, subfolder="text_encoder").eval()
+    ids = tokenizer([""], padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids)[0][0].float()
+
+
 def build_musiq(weights: str | Path | None, device: torch.device) -> nn.Module:
     """pyiqa's MUSIQ (KonIQ-10k) as a differentiable score, the no-reference quality L_nqa of Eq. (8) (ref. [23]).
 
@@ -117,8 +137,8 @@ class OSDEnhancerModule(ZooModule):
             weights fill the networks; the experts and the deformable blocks start fresh (B = 0,
             `project_out` = 0). None keeps the random initialisation.
         prompt_embedding: safetensors file holding `prompt_embedding` `(L, D)`, the T5 embedding of the empty
-            prompt (e.g. `prompt_embeddings/empty.safetensors` of the official checkpoint); required with
-            `base_model`.
+            prompt (e.g. `prompt_embeddings/empty.safetensors` of the official checkpoint); with `base_model` and
+            no file, it is computed with `base_model`'s `text_encoder/` and `tokenizer/`.
         scale: spatial factor of the training pairs (x4, L161).
         perceptual_pretrained: load the published LPIPS and DISTS weights.
         flow_pretrained: load torchvision's RAFT weights (the flow of Eq. 12).
@@ -158,9 +178,6 @@ class OSDEnhancerModule(ZooModule):
         self.save_hyperparameters()
         self.net = OSDEnhancerNet(getattr(OSDEnhancerConfig, variant)())
         if base_model is not None:
-            if prompt_embedding is None:
-                raise ValueError("base_model needs prompt_embedding, the empty prompt's T5 embedding (for example "
-                                 "prompt_embeddings/empty.safetensors of W-Shuoyan/OSDEnhancer)")
             self.load_base(base_model, prompt_embedding)
         if gradient_checkpointing:
             self.net.transformer.enable_gradient_checkpointing()
@@ -175,11 +192,16 @@ class OSDEnhancerModule(ZooModule):
 
     # Weights -------------------------------------------------------------------------------------
 
-    def load_base(self, base_model: str, prompt_embedding: str) -> None:
+    def load_base(self, base_model: str, prompt_embedding: str | None = None) -> None:
         """Fill the transformer and the VAE with CogVideoX1.5-5B's weights and set the prompt embedding.
 
         Every weight of the published models must find its place and every weight of ours must come from them,
         except the TR and SE experts, the residual patch embedding and the deformable decoder blocks.
+
+        Args:
+            base_model: folder or Hub id in the diffusers layout.
+            prompt_embedding: safetensors file with `prompt_embedding`; None encodes the empty prompt with
+                `base_model`'s T5 (`encode_empty_prompt`).
         """
         from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
@@ -197,9 +219,12 @@ class OSDEnhancerModule(ZooModule):
                 raise ValueError(f"{base_model} {name} does not fit OSDEnhancer: {len(missing)} missing and "
                                  f"{len(unexpected)} unexpected weights, e.g. {example}")
             target.load_state_dict({own[key]: value for key, value in published.items()}, strict=False)
-        prompt = read_safetensors(Path(prompt_embedding))["prompt_embedding"]
+        if prompt_embedding is None:
+            prompt = encode_empty_prompt(base_model, self.net.config.prompt_length)
+        else:
+            prompt = read_safetensors(Path(prompt_embedding))["prompt_embedding"]
         if prompt.shape != self.net.prompt_embedding.shape[1:]:
-            raise ValueError(f"{prompt_embedding} holds a {tuple(prompt.shape)} embedding, the transformer takes "
+            raise ValueError(f"the prompt embedding is {tuple(prompt.shape)}, the transformer takes "
                              f"{tuple(self.net.prompt_embedding.shape[1:])}")
         with torch.no_grad():
             self.net.prompt_embedding.copy_(prompt[None])
@@ -331,4 +356,4 @@ class OSDEnhancerModule(ZooModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self(batch["lr"], batch["temporal_scale"])
         mse = F.mse_loss(out, batch["hr"]).clamp_min(1e-10)
-        self.log("val/psnr", -10 * torch.log10(mse), batch_size=out.shape[0])
+        self.log("val/psnr", -10 * torch.log10(mse), batch_size=out.shape[0], sync_dist=True)

@@ -34,7 +34,7 @@ from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXDeco
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from torch import Tensor, nn
-from torchvision.ops import DeformConv2d
+from torchvision.ops import DeformConv2d, deform_conv2d
 
 from zoo.components.lora import inject_lora, lora_config
 
@@ -571,11 +571,14 @@ class ModulatedDeformConv(nn.Module):
         return super()._apply(keep_float32, recurse)
 
     def forward(self, neighbour: Tensor, offset_feature: Tensor) -> Tensor:
+        # Weights are cast too: sharded training hands modules low-precision copies of their parameters.
         with torch.autocast(neighbour.device.type, enabled=False):
             feature = offset_feature.float()
-            offset = self.conv_offset(feature)
-            mask = torch.sigmoid(self.conv_mask(feature))
-            out = self.deform(neighbour.float(), offset, mask)
+            offset = F.conv2d(feature, self.conv_offset.weight.float(), self.conv_offset.bias.float(), padding=1)
+            mask = torch.sigmoid(F.conv2d(feature, self.conv_mask.weight.float(), self.conv_mask.bias.float(),
+                                          padding=1))
+            out = deform_conv2d(neighbour.float(), offset, self.deform.weight.float(), self.deform.bias.float(),
+                                padding=(1, 1), mask=mask)
         return out.to(neighbour.dtype)
 
 
