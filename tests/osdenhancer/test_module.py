@@ -117,10 +117,9 @@ def test_every_stage_trains_exactly_its_parameters(module) -> None:
     assert adaptation == transformer - tr - se  # "fine-tune DiT": its own weights, not the experts
     assert temporal == tr and len(tr) == 2 * 6 * 2 + 4  # A_TR, B_TR of 6 layers x 2 blocks; res_proj, res_ff0_proj
     assert spatial == se and len(se) == 2 * (2 * 6 + 1)  # A_SE, B_SE of 6 layers x 2 blocks and proj_out
-    # The encoder, the stock decoder and the loss networks never train.
+    # The encoder and the stock decoder never train.
     never = names - decoder - adaptation - temporal - spatial
-    frozen = ("lpips.", "dists.", "flow.", "net.vae.encoder.", "net.vae.decoder.")
-    assert never == {n for n in names if n.startswith(frozen)} - decoder
+    assert never == {n for n in names if n.startswith(("net.vae.encoder.", "net.vae.decoder."))} - decoder
 
 
 def test_stage_table_follows_the_paper() -> None:
@@ -158,6 +157,15 @@ def test_the_latent_target_is_the_encoded_hr_clip_and_the_input_the_lr_one(modul
 def test_forward_pads_any_size_and_length_and_crops_back(module) -> None:
     out = module(torch.rand(1, 2, 3, 5, 7), 2)
     assert out.shape == (1, 3, 3, 20, 28) and out.min() >= 0 and out.max() <= 1
+
+
+def test_loss_networks_are_built_by_the_stages_that_need_them_and_not_saved(module) -> None:
+    module._tools.pop("dists", None)
+    _use_stage(module, OSDEnhancerStage("spatial", 1, ["net.transformer.*.TE_lora.*"], {"l1": 1.0, "dists": 1.0},
+                                        task="pixel"))
+    module.configure_optimizers()
+    assert "dists" in module._tools and "perceptual" not in module._tools
+    assert all(key.startswith("net.") for key in module.state_dict())
 
 
 def test_training_without_stages_is_refused(module) -> None:

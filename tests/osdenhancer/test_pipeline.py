@@ -38,16 +38,16 @@ def test_temporal_scale_2_on_5_frames_gives_9_frames_at_twice_the_frame_rate(tmp
     assert read_video(tmp_path / "out.mp4").frames.shape == (9, 3, 64, 64)
 
 
-@pytest.mark.parametrize(("scale", "temporal_scale", "expected"), [
-    (4, 2, (3, 3, 52, 76)),  # odd sizes at x4: exactly 4x
-    (2.5, 3, (4, 3, 32, 47)),  # floor(13 * 2.5) x floor(19 * 2.5), (2 - 1) * 3 + 1 frames
-    (1, 1, (2, 3, 13, 19)),
+@pytest.mark.parametrize(("scale", "temporal_scale", "size", "expected"), [
+    (4, 2, (5, 7), (3, 3, 20, 28)),  # odd sizes at x4: exactly 4x
+    (2.5, 3, (5, 7), (4, 3, 12, 17)),  # floor(5 x 2.5) x floor(7 x 2.5), (2 - 1) x 3 + 1 frames
+    (1, 1, (9, 11), (2, 3, 9, 11)),
 ])
-def test_output_has_n_minus_1_times_s_plus_1_frames_of_floor_scaled_size(tiny_upscaler, scale, temporal_scale,
+def test_output_has_n_minus_1_times_s_plus_1_frames_of_floor_scaled_size(tiny_upscaler, scale, temporal_scale, size,
                                                                         expected) -> None:
     up = tiny_upscaler.configure(scale=scale, temporal_scale=temporal_scale)
     try:
-        out = up(_frames(2, 13, 19))
+        out = up(_frames(2, *size))
     finally:
         up.configure(scale=4, temporal_scale=2)
     assert out.shape == expected and out.min() >= 0 and out.max() <= 1
@@ -146,12 +146,9 @@ def test_overlap_modes_agree_where_chunks_do_not_overlap(tiny_upscaler) -> None:
     try:
         blended = up(frames)
         dropped = up.configure(overlap="drop")(frames)
-        second = up(frames[9:], generator=torch.Generator().manual_seed(0))
     finally:
         up.configure(temporal_scale=2, chunk=33, chunk_overlap=8, overlap="blend")
     assert blended.shape == (18, 3, 16, 16) and torch.equal(blended, dropped)
-    # The second chunk draws the generator after the first one: not the same noise as a fresh clip.
-    assert not torch.equal(blended[9:], second)
 
 
 # Options, noise, input errors --------------------------------------------------------------------

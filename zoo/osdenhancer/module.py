@@ -67,7 +67,8 @@ def warp_loss(frames: Tensor, flow_fn: FlowFn, high_pass_fn: Callable[[Tensor], 
     `H = high_pass_fn(I)`, `O_{j→j+1}` brings frame j onto frame j+1 (backward warping with the flow from
     `I_{j+1}` to `I_j`, pixel-centre convention of `zoo.components.flow`), and `M_j` keeps the pixels of frame
     j+1 that the forward-backward check finds visible in frame j and whose target lies inside it
-    (`valid_mask`, Sundaram et al., as ref. [48]). Flows are computed on the detached outputs (L455). The
+    (`valid_mask`, Sundaram et al., as ref. [48]). Flows are computed on the detached outputs (L455), in
+    float32. The
     channel count in the denominator makes each pair's value a mean absolute error over visible pixels.
 
     Args:
@@ -78,8 +79,8 @@ def warp_loss(frames: Tensor, flow_fn: FlowFn, high_pass_fn: Callable[[Tensor], 
     """
     b, length, c = frames.shape[:3]
     current, previous = frames[:, 1:].flatten(0, 1), frames[:, :-1].flatten(0, 1)
-    with torch.no_grad():
-        target, source = current.detach().clamp(0, 1), previous.detach().clamp(0, 1)
+    with torch.no_grad(), torch.autocast(frames.device.type, enabled=False):  # flows in float32
+        target, source = current.detach().float().clamp(0, 1), previous.detach().float().clamp(0, 1)
         flow_back = flow_fn(target, source)  # from I_{j+1} to I_j
         mask = valid_mask(flow_back, flow_fn(source, target))
     high = high_pass_fn(frames.flatten(0, 1)).unflatten(0, (b, length))
@@ -182,13 +183,11 @@ class OSDEnhancerModule(ZooModule):
         if gradient_checkpointing:
             self.net.transformer.enable_gradient_checkpointing()
             self.net.vae.enable_gradient_checkpointing()
-        self.lpips = PerceptualLoss("lpips", net="vgg", pretrained=perceptual_pretrained)
-        self.dists = PerceptualLoss("dists", pretrained=perceptual_pretrained)
-        self.flow = FlowEstimator(flow_variant, pretrained=flow_pretrained, num_flow_updates=flow_updates)
         self.stage: OSDEnhancerStage | None = None
         self.loss_weights: dict[str, float] = {}
-        # The quality model is an evaluation tool, not state: kept out of the state dict and the optimizers.
-        self._quality: list[Callable[[Tensor], Tensor]] = []
+        # The frozen networks some losses run (LPIPS, DISTS, RAFT, MUSIQ) are tools with published weights, not
+        # what training changes: built when a stage first needs them, kept out of checkpoints and optimizers.
+        self._tools: dict[str, Callable[[Tensor], Tensor]] = {}
 
     # Weights -------------------------------------------------------------------------------------
 
@@ -236,7 +235,24 @@ class OSDEnhancerModule(ZooModule):
 
     def set_quality_model(self, model: Callable[[Tensor], Tensor]) -> None:
         """Use `model` (frames `(N, 3, H, W)` in [0, 1] -> scores `(N,)` on MUSIQ's 0-100 scale) as L_nqa."""
-        self._quality[:] = [model]
+        self._tools["nqa"] = model
+
+    def tool(self, loss: str) -> Callable[..., Tensor]:
+        """The frozen network behind `loss` (`perceptual`, `dists`, `warp`, `nqa`), built on first use."""
+        if loss not in self._tools:
+            hparams = self.hparams
+            if loss == "perceptual":
+                tool = PerceptualLoss("lpips", net="vgg", pretrained=hparams.perceptual_pretrained)
+            elif loss == "dists":
+                tool = PerceptualLoss("dists", pretrained=hparams.perceptual_pretrained)
+            elif loss == "warp":
+                tool = FlowEstimator(hparams.flow_variant, pretrained=hparams.flow_pretrained,
+                                     num_flow_updates=hparams.flow_updates)
+            else:
+                tool = build_musiq(hparams.musiq_weights, self.device)
+            self._tools[loss] = tool
+        tool = self._tools[loss]
+        return tool.to(self.device) if isinstance(tool, nn.Module) else tool
 
     # Forward -------------------------------------------------------------------------------------
 
@@ -289,7 +305,7 @@ class OSDEnhancerModule(ZooModule):
         if "reconstruction" in weights:
             losses["reconstruction"] = F.l1_loss(out, hr)
         if "perceptual" in weights:
-            losses["perceptual"] = self.lpips(out.clamp(0, 1).flatten(0, 1), hr.flatten(0, 1))
+            losses["perceptual"] = self.tool("perceptual")(out.clamp(0, 1).flatten(0, 1), hr.flatten(0, 1))
         if "pixel_residual" in weights:
             losses["pixel_residual"] = residual_loss(out, hr)  # Eq. (11), OSDEnhancer
         return losses
@@ -312,14 +328,13 @@ class OSDEnhancerModule(ZooModule):
         if "l1" in weights:
             losses["l1"] = F.l1_loss(out, hr)
         if "dists" in weights:
-            losses["dists"] = self.dists(frames, targets)
+            losses["dists"] = self.tool("dists")(frames, targets)
         if "warp" in weights:
             sigma = self.hparams.high_pass_sigma
-            losses["warp"] = warp_loss(out, self.flow, lambda x: high_pass(x, "gaussian", sigma=sigma),
+            losses["warp"] = warp_loss(out, self.tool("warp"), lambda x: high_pass(x, "gaussian", sigma=sigma),
                                        self.hparams.warp_xi)
         if "nqa" in weights:
-            quality = self._quality[0]
-            losses["nqa"] = quality(frames).mean() / self.hparams.nqa_scale
+            losses["nqa"] = self.tool("nqa")(frames).mean() / self.hparams.nqa_scale
         return losses
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
@@ -333,8 +348,9 @@ class OSDEnhancerModule(ZooModule):
         if self.stage is None:
             raise RuntimeError("OSDEnhancerModule trains in stages: add zoo.osdenhancer.callbacks.OSDEnhancerStages "
                                "to the trainer's callbacks")
-        if self.loss_weights.get("nqa") and not self._quality:
-            self._quality.append(build_musiq(self.hparams.musiq_weights, self.device))
+        for loss in ("perceptual", "dists", "warp", "nqa"):
+            if loss in self.loss_weights:
+                self.tool(loss)  # a stage whose tools cannot be built refuses to start
         parameters = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(parameters, lr=self.stage.lr, **self.stage.optimizer_kwargs)
 
