@@ -194,8 +194,9 @@ def test_bfloat16_stays_within_its_stated_tolerance_of_float32(tiny_upscaler) ->
     half = copy.deepcopy(tiny_upscaler).to(torch.bfloat16)
     out = half(frames)
     assert out.dtype == torch.float32
-    # Measured on this tiny random model: max 0.02, mean 0.002 (bfloat16 has 8 mantissa bits).
-    assert (out - reference).abs().max() < 0.05 and (out - reference).abs().mean() < 0.005
+    # Tolerance 0.01 max, 0.001 mean; measured on this tiny random model: max 0.0033, mean 0.00024 (bfloat16 has
+    # 8 mantissa bits; the deformable convolutions and Eq. (1)'s constants stay float32).
+    assert (out - reference).abs().max() < 0.01 and (out - reference).abs().mean() < 0.001
 
 
 # Weights folders ------------------------------------------------------------------------------------
