@@ -148,7 +148,8 @@ class OSDEnhancerModule(ZooModule):
         musiq_weights: pyiqa's MUSIQ checkpoint (Eq. 8's L_nqa); None looks in pyiqa's cache. Only a stage that
             weights `nqa` needs it, and refuses to start without it.
         nqa_scale: MUSIQ's score is a mean opinion score of about 0-100; it is divided by this, so that
-            `λ_nqa = 0.05` weighs it like the other terms (unscaled, 0.05 x 65 would dwarf an L1 of ~0.05).
+            `λ_nqa = 0.05` weighs it like the other terms (unscaled, 0.05 x a MUSIQ of 65, Table 1, would add 3.25
+            to an objective whose L1 and DISTS terms stay below 1).
         high_pass_sigma: the high-pass filter of Eq. (12) is `I - GaussianBlur_σ(I)`; the paper names no
             filter (Tab. 7 only says "high-frequency components").
         warp_xi: ξ of Eq. (12).
