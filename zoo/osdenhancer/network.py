@@ -512,6 +512,7 @@ class OSDEnhancerTransformer(CogVideoXTransformer3DModel):
         dim = num_attention_heads * attention_head_dim
         self.res_patch = ResidualPatchEmbed(in_channels, patch_size, patch_size_t, dim, 4 * dim)
         if se_rank:
+            # Eq. (7), OSDEnhancer: the SE expert B_SE A_SE z beside W0 z and the TR delta, on the final proj_out too.
             inject_lora(self, lora_config("cogvideox_transformer", se_rank, se_alpha, extra_targets=("proj_out",)),
                         SE_ADAPTER)
 
@@ -724,6 +725,7 @@ class DeformableRecurrentBlock(nn.Module):
         for i in order:
             neighbour = i + 1 if reverse else i - 1
             pair = min(i, neighbour)
+            # Eq. (9), OSDEnhancer: (ỹ_{i-1}, δ_i) = align(x_i, y_{i-1}, Up(δ^{l-1})), y_i = attn(x_i, ỹ_{i-1}).
             aligned, offsets[pair] = self.align(frames[i], frames[neighbour], lower[pair])
             frames[i] = self.attn(frames[i], aligned)
         if cache is not None:
