@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.components.tiling import ChunkPlan, TilePlan, pad_frames, valid_length
+from zoo.components.tiling import ChunkPlan, TilePlan, pad_frames, pad_to_multiple, valid_length
 
 
 def upscale2(x: torch.Tensor) -> torch.Tensor:
@@ -207,3 +207,13 @@ def test_chunk_plan_stream_checks_the_number_of_frames() -> None:
         list(plan.stream(lambda x: x, iter(torch.zeros(11, 1))))
     with pytest.raises(ValueError, match="fn must map 5 frames to 5"):
         plan.apply(lambda x: x[:-1], torch.zeros(10, 1))
+
+
+def test_reflect_padding_needs_each_side_shorter_than_the_frame() -> None:
+    frame = torch.rand(3, 6, 6)
+    padded, padding = pad_to_multiple(frame, 16, "reflect", centred=True)  # 5 on each side of 6 pixels
+    assert padded.shape == (3, 16, 16) and torch.equal(padding.crop(padded), frame)
+    with pytest.raises(ValueError, match="reflect padding of 6x6"):
+        pad_to_multiple(frame, 16, "reflect")  # all 10 on one side
+    with pytest.raises(ValueError, match="reflect padding of 5x5"):
+        pad_to_multiple(torch.rand(3, 5, 5), 16, "reflect", centred=True)  # 6 below 5 pixels

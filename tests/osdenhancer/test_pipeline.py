@@ -58,6 +58,17 @@ def test_a_single_frame_gives_a_single_frame(tiny_upscaler) -> None:
     assert tiny_upscaler(_frames(1, 8, 8)).shape == (1, 3, 32, 32)
 
 
+def test_reflect_padding_works_down_to_the_officials_smallest_frames(tiny_upscaler) -> None:
+    # 6 -> 16 rows: 5 reflected above and below, fewer than the frame's 6 (the official pipeline's limit too).
+    up = tiny_upscaler.configure(scale=1, temporal_scale=1)
+    try:
+        assert up(_frames(1, 6, 6)).shape == (1, 3, 6, 6)
+        with pytest.raises(ValueError, match="reflect padding of 5x5 to a multiple of 16"):
+            up(_frames(1, 5, 5))
+    finally:
+        up.configure(scale=4, temporal_scale=2)
+
+
 # Inputs -------------------------------------------------------------------------------------------
 
 def test_streamed_inputs_equal_eqs_2_and_3_on_the_whole_clip(tiny_upscaler) -> None:
