@@ -77,6 +77,16 @@ REGISTRY: dict[str, PretrainedCfg] = {
         files=("controlnet/*", "unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*"),
         base_models=("stabilityai/stable-diffusion-x4-upscaler",),
     ),
+    "osdenhancer": PretrainedCfg(
+        paper="OSDEnhancer",
+        paradigm="one-step space-time diffusion, temporal chunks of 8n+1 output frames",
+        upscaler="zoo.osdenhancer.pipeline:OSDEnhancerUpscaler",
+        module="zoo.osdenhancer.module:OSDEnhancerModule",
+        recipe="recipes/osdenhancer.yaml",
+        repo_id="W-Shuoyan/OSDEnhancer",
+        files=("transformer/*", "vae/*", "scheduler/*", "prompt_embeddings/*"),
+        base_models=("zai-org/CogVideoX1.5-5B",),
+    ),
     "pssr": PretrainedCfg(
         paper="PS-SR",
         paradigm="pseudo-single-step: one Wan2.1 base step, then pruned-draft steps adding only high frequencies",

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.components.tiling import ChunkPlan, TilePlan, pad_frames, stream_chunks, valid_length
+from zoo.components.tiling import ChunkPlan, TilePlan, pad_frames, pad_to_multiple, stream_chunks, valid_length
 
 
 def upscale2(x: torch.Tensor) -> torch.Tensor:
@@ -254,3 +254,13 @@ def test_stream_chunks_reads_ahead_only_to_the_next_chunk_start() -> None:
     assert list(stream_chunks(lambda x: x, iter([]), 9, 2)) == []
     with pytest.raises(ValueError, match="chunk must have 8n\\+1 frames"):
         next(stream_chunks(lambda x: x, iter(frames), 8, 2, align="8n+1"))
+
+
+def test_reflect_padding_needs_each_side_shorter_than_the_frame() -> None:
+    frame = torch.rand(3, 6, 6)
+    padded, padding = pad_to_multiple(frame, 16, "reflect", centred=True)  # 5 on each side of 6 pixels
+    assert padded.shape == (3, 16, 16) and torch.equal(padding.crop(padded), frame)
+    with pytest.raises(ValueError, match="reflect padding of 6x6"):
+        pad_to_multiple(frame, 16, "reflect")  # all 10 on one side
+    with pytest.raises(ValueError, match="reflect padding of 5x5"):
+        pad_to_multiple(torch.rand(3, 5, 5), 16, "reflect", centred=True)  # 6 below 5 pixels

@@ -263,7 +263,8 @@ def pad_to_multiple(x: Tensor, multiple: int, mode: str = "replicate", centred: 
         padding = Padding(0, pad_w, 0, pad_h)
     if not (pad_h or pad_w):
         return x, padding
-    if mode == "reflect" and (pad_h >= height or pad_w >= width):
+    # Reflection mirrors pixels inside the frame: each side's padding must be shorter than the frame.
+    if mode == "reflect" and (max(padding.top, padding.bottom) >= height or max(padding.left, padding.right) >= width):
         raise ValueError(f"reflect padding of {height}x{width} to a multiple of {multiple} needs more pixels than "
                          f"the frame has")
     padded = torch.nn.functional.pad(x, (padding.left, padding.right, padding.top, padding.bottom), mode=mode)
