@@ -116,19 +116,21 @@ def test_fix_colors_by_option() -> None:
 
 def test_memory_estimate_by_hand() -> None:
     up = Tiled()
-    # 30 x 40 frame, whole: 100 * 1200 + 1000 * 1200 = 1,320,000 bytes at fp32.
-    assert up.estimate_memory(30, 40) == 1_320_000
+    # 30 x 40 frame, whole: max(100 * 1200, 1000 * 1200) = 1,200,000 bytes at fp32.
+    assert up.estimate_memory(30, 40) == 1_200_000
     up.configure(tile=16)
-    # Tiles of 16 x 16: 100 * 1200 + 1000 * 256 = 376,000; bf16 halves it.
-    assert up.estimate_memory(30, 40) == 376_000
-    assert up.to(torch.bfloat16).estimate_memory(30, 40) == 188_000
+    # Tiles of 16 x 16: max(100 * 1200, 1000 * 256) = 256,000; bf16 halves it.
+    assert up.estimate_memory(30, 40) == 256_000
+    assert up.to(torch.bfloat16).estimate_memory(30, 40) == 128_000
+    up.configure(tile=8)  # 1000 * 64 = 64,000 < 100 * 1200: the whole-frame stage is the peak
+    assert up.to(torch.float32).estimate_memory(30, 40) == 120_000
 
 
 def test_default_options_pick_the_largest_tile_that_fits() -> None:
     up = Tiled()
-    # 200 x 300 frame: whole frames need 100 * 60,000 + 1000 * 60,000 = 66 MB.
-    assert up.default_options(200, 300, free_bytes=int(66e6 / MEMORY_HEADROOM) + 1) == {"tile": None}
-    # 30 MB free, 24 MB budget: 6 MB for the frame term leaves 18 MB, i.e. 18,000 tile pixels:
+    # 200 x 300 frame: whole frames need max(100, 1000) * 60,000 = 60 MB.
+    assert up.default_options(200, 300, free_bytes=int(60e6 / MEMORY_HEADROOM) + 1) == {"tile": None}
+    # 30 MB free, 24 MB budget (the frame stage needs 6 MB): 24,000 tile pixels at most;
     # 256^2 = 65,536 and 192^2 = 36,864 do not fit, 128^2 = 16,384 does.
     assert up.default_options(200, 300, free_bytes=30_000_000) == {"tile": 128}
     assert up.default_options(200, 300, free_bytes=1) == {"tile": 64}  # nothing fits: the smallest

@@ -80,17 +80,19 @@ def check_frame(frame: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """Peak memory of a pipeline beyond its weights, linear in the LR pixels one step works on.
+    """Peak memory of a pipeline beyond its weights, linear in the LR pixels each stage works on.
 
-    `bytes = frame * H * W + tile * h * w` for fp32 weights, where `H x W` is the LR frame and
-    `h x w` the part of it one tiled step sees (the whole frame without tiles); 16-bit dtypes
-    halve it. Coefficients are the slopes of peak RSS between two frame sizes of the `full`
-    network streamed on CPU, measured with `zoo bench upscalers.memory_model` (smaller configs
-    need less, so they are an upper bound for `tiny`).
+    `bytes = max(frame * H * W, tile * h * w)` for fp32 weights, where `H x W` is the LR frame and
+    `h x w` the part of it one tiled stage sees (the whole frame without tiles): the stages that
+    run on whole frames (VAE, flow, fusion) and the tiled one run one after the other, so the
+    peak is the larger of the two. 16-bit dtypes halve it. Coefficients are slopes of peak RSS
+    against pixel count of the `full` network streamed on CPU, measured with
+    `zoo bench upscalers.memory_model` (smaller configs need less, so they bound `tiny` from above).
 
     Attributes:
-        frame: bytes per LR pixel of the work done on whole frames (VAE, flow, fusion, ...).
-        tile: bytes per LR pixel of the work that the `tile` option bounds (0 without tiles).
+        frame: bytes per LR pixel of the stages run on whole frames.
+        tile: bytes per LR pixel of the stage that the `tile` option bounds (0: no tiles, or tiles
+            that do not lower the peak).
         measured: how and where the numbers were measured.
     """
 
@@ -234,7 +236,7 @@ class VideoUpscaler(nn.Module):
         tile = getattr(self, "tile", None)
         tiled = height * width if tile is None else min(tile, height) * min(tile, width)
         itemsize = torch.finfo(self.dtype).bits // 8
-        return int((self.memory.frame * height * width + self.memory.tile * tiled) * itemsize / 4)
+        return int(max(self.memory.frame * height * width, self.memory.tile * tiled) * itemsize / 4)
 
     def default_options(self, height: int, width: int, free_bytes: int) -> dict[str, Any]:
         """Options that fit one step on `height x width` LR frames into `free_bytes` of the model's device.
