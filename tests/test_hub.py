@@ -21,7 +21,7 @@ def test_registry_names_and_official_repos():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'nope'; choose one of osdiffvsr, stream_diffvsr"):
+    with pytest.raises(ValueError, match=r"unknown model 'nope'; choose one of osdiffvsr, stream_diffvsr, pssr$"):
         zoo.load("nope")
 
 
@@ -61,7 +61,7 @@ def test_unpublished_weights_name_the_recipe(toy):
 def test_export_folder_round_trip(toy, tmp_path):
     model = hub.load("toy", pretrained=False, variant="tiny")
     folder = hub.export(model, tmp_path / "export", repo_id="org/toy")
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors"]
     assert json.loads((folder / "config.json").read_text()) == {
         "hub_name": "toy", "config": {"channels": 4, "kernel": [3, 3]}}
     assert "Toy `toy` at org/toy" in (folder / "README.md").read_text()
@@ -108,8 +108,24 @@ def test_pretrained_from_registry_checks_sha256(toy, tmp_path, hub_cache, monkey
     assert torch.equal(hub.load("toy")(frames), model(frames))
     bad = dataclasses.replace(cfg, sha256={"model.safetensors": "0" * 64})
     monkeypatch.setitem(hub.REGISTRY, "toy", bad)
-    with pytest.raises(hub.WeightsUnavailableError, match=r"has sha256 .*, expected 0000"):
+    expected = r"model\.safetensors is damaged or was changed: .*, expected 0000"
+    with pytest.raises(hub.WeightsIntegrityError, match=expected):
         hub.load("toy")
+
+
+def test_a_flipped_byte_in_an_exported_folder_is_refused_by_name(toy, tmp_path):
+    folder = hub.export(hub.load("toy", pretrained=False, variant="tiny"), tmp_path / "export")
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    assert [line.split("  ")[1] for line in lines] == ["config.json", "model.safetensors"]
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # a byte of a tensor: the file still parses, only the digest tells
+    weights.write_bytes(bytes(data))
+    with pytest.raises(hub.WeightsIntegrityError, match=r"model\.safetensors is damaged or was changed"):
+        hub.load("toy", weights=folder)
+    (folder / "SHA256SUMS").write_text("not a checksum line\n")
+    with pytest.raises(hub.WeightsIntegrityError, match="SHA256SUMS line 1"):
+        hub.load("toy", weights=folder)
 
 
 def test_missing_download_offline_is_one_clear_sentence(toy):

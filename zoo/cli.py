@@ -84,10 +84,23 @@ def lightning_main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(f"lightning: error: training needs the train extra ({err.name} is not installed): "
                          f"pip install 'vsr-zoo[train]'") from None
 
+    class ZooCLI(LightningCLI):
+        """LightningCLI whose recipe mistakes (a missing dataset root, a bad value) end in one sentence."""
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, OSError) as err:
+                # jsonargparse wraps a class's own error in its type check: report the innermost one.
+                while isinstance(err.__cause__ or err.__context__, (ValueError, OSError)):
+                    err = err.__cause__ or err.__context__
+                print(f"lightning: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
     # LightningCLI reads sys.argv; the command line is handed over there (with packaged recipe paths
     # resolved) rather than as `args`, which Lightning would flag as given twice.
     sys.argv = [sys.argv[0], *_with_packaged_recipes(sys.argv[1:] if args is None else args)]
-    LightningCLI(
+    ZooCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -134,27 +147,51 @@ def _hub_card(ns: argparse.Namespace) -> None:
     print(render_card(ns.name, repo_id=ns.repo_id))
 
 
-def _bench(ns: argparse.Namespace) -> None:
+def _literal(text: str) -> object:
     import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, object]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        pairs[key.replace("-", "_")] = _literal(value)
+    return pairs
+
+
+def _bench(ns: argparse.Namespace) -> None:
     import json
 
     from zoo.bench import BENCHMARKS, describe, run_benchmark
 
-    if ns.name is None:
+    if ns.model is not None:
+        from zoo.bench.pipeline import bench_pipeline
+
+        settings = {"model": ns.model, "size": ns.size, "height": ns.height, "width": ns.width,
+                    "frames": ns.frames, "dtype": ns.dtype, "device": ns.device, "compile": ns.compile,
+                    "threads": ns.threads, "busy_ok": ns.busy_ok, "options": _key_values(ns.option, "--option")}
+        result = bench_pipeline(**settings)
+        if ns.vs:
+            other = {**settings, **_key_values(ns.vs, "--vs")}
+            second = bench_pipeline(**other)
+            result = {"baseline": result, "vs": second,
+                      "speedup": result["ms_per_frame"]["mean"] / second["ms_per_frame"]["mean"],
+                      "flops_ratio": second["flops_per_frame"]["total"] / result["flops_per_frame"]["total"]}
+    elif ns.name is None:
         width = max(map(len, BENCHMARKS))
         for name in BENCHMARKS:
             print(f"{name.ljust(width)}  {describe(name)}")
+        print("\nzoo bench --model NAME [--size tiny|full ...]: speed, memory and FLOPs of a model's pipeline")
         return
-    kwargs = {}
-    for item in ns.arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--arg takes KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    result = run_benchmark(ns.name, **kwargs)
+    else:
+        result = run_benchmark(ns.name, **_key_values(ns.arg, "--arg"))
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if ns.json is not None:
@@ -163,6 +200,7 @@ def _bench(ns: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `zoo` argument parser (tools only; Lightning subcommands are dispatched before parsing)."""
+    from zoo.evaluate import add_parser as add_evaluate_parser
     from zoo.hub import REGISTRY
 
     parser = argparse.ArgumentParser(
@@ -204,10 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     upscale.add_parser(commands)
 
-    p = commands.add_parser("bench", help="run a speed or memory benchmark")
-    p.add_argument("name", nargs="?", help="benchmark name; omit to list them")
+    add_evaluate_parser(commands, names)
+
+    p = commands.add_parser("bench", help="speed, memory and FLOPs of a model, or a named benchmark",
+                            description="zoo bench NAME runs a registered benchmark (zoo bench lists them); "
+                                        "zoo bench --model NAME times a model's pipeline and counts its FLOPs.")
+    p.add_argument("name", nargs="?", help="registered benchmark; omit to list them")
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the benchmark (VALUE parsed as a Python literal)")
+                   help="keyword argument for a registered benchmark (VALUE parsed as a Python literal)")
+    p.add_argument("--model", choices=names, help="benchmark this hub entry's pipeline")
+    p.add_argument("--size", default="tiny", choices=("tiny", "full"), help="network size (random weights)")
+    p.add_argument("--height", type=int, default=128, help="OUTPUT frame height")
+    p.add_argument("--width", type=int, default=128, help="OUTPUT frame width")
+    p.add_argument("--frames", type=int, default=9, help="LR frames in the timed run")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bf16", "bfloat16", "fp16", "float16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the per-frame step")
+    p.add_argument("--threads", type=int, help="CPU threads (1 on CPU by default)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="pipeline option")
+    p.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run with this setting changed (e.g. dtype=bf16, compile=True) and report the ratio")
+    p.add_argument("--busy-ok", action="store_true", help="time even on a machine busier than its cores")
     p.add_argument("--json", type=Path, help="also write the result to this JSON file")
     p.set_defaults(run=_bench)
     return parser

@@ -77,6 +77,25 @@ REGISTRY: dict[str, PretrainedCfg] = {
         files=("controlnet/*", "unet/*", "vae/*", "scheduler/*", "text_encoder/*", "tokenizer/*"),
         base_models=("stabilityai/stable-diffusion-x4-upscaler",),
     ),
+    "osdenhancer": PretrainedCfg(
+        paper="OSDEnhancer",
+        paradigm="one-step space-time diffusion, temporal chunks of 8n+1 output frames",
+        upscaler="zoo.osdenhancer.pipeline:OSDEnhancerUpscaler",
+        module="zoo.osdenhancer.module:OSDEnhancerModule",
+        recipe="recipes/osdenhancer.yaml",
+        repo_id="W-Shuoyan/OSDEnhancer",
+        files=("transformer/*", "vae/*", "scheduler/*", "prompt_embeddings/*"),
+        base_models=("zai-org/CogVideoX1.5-5B",),
+    ),
+    "pssr": PretrainedCfg(
+        paper="PS-SR",
+        paradigm="pseudo-single-step: one Wan2.1 base step, then pruned-draft steps adding only high frequencies",
+        upscaler="zoo.pssr.pipeline:PSSRUpscaler",
+        module="zoo.pssr.module:PSSRModule",
+        recipe="recipes/pssr.yaml",
+        repo_id=None,
+        base_models=("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",),
+    ),
 }
 
 GITHUB_REPO = "vsr-zoo/vsr-zoo"
@@ -100,6 +119,15 @@ def require_train_extra(feature: str) -> None:
     if importlib.util.find_spec("lightning") is None:
         raise MissingExtraError(f"{feature} needs the train extra (lightning is not installed): "
                                 f"pip install 'vsr-zoo[train]'")
+
+
+class WeightsIntegrityError(ValueError):
+    """A weights file differs from the digest recorded for it: damaged, truncated or changed."""
+
+
+CHECKSUMS = "SHA256SUMS"
+"""Written by `export` beside the weights: `<sha256>  <path>` per weight and config file (`sha256sum -c`
+reads it); `load` checks a folder against it before reading any weight."""
 
 
 def list_models() -> list[str]:
@@ -164,18 +192,52 @@ def resolve_weights(weights: str | os.PathLike, *, revision: str | None = None,
     return Path(folder)
 
 
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verify_sha256(folder: Path, digests: dict[str, str]) -> None:
-    """Check the files in `folder` against `digests`; a mismatch or missing file raises."""
+    """Check the files in `folder` against `digests` (path in folder -> hex sha256).
+
+    Raises:
+        WeightsUnavailableError: a listed file is missing.
+        WeightsIntegrityError: a file's digest differs, naming the file.
+    """
     for rel, expected in digests.items():
         file = folder / rel
         if not file.is_file():
-            raise WeightsUnavailableError(f"{file} is missing from the downloaded weights")
-        digest = hashlib.sha256()
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise WeightsUnavailableError(f"{file} has sha256 {digest.hexdigest()}, expected {expected}")
+            raise WeightsUnavailableError(f"{file} is missing from the weights folder {folder}")
+        actual = file_sha256(file)
+        if actual != expected:
+            raise WeightsIntegrityError(f"{file} is damaged or was changed: sha256 {actual}, expected {expected}")
+
+
+def write_checksums(folder: Path) -> Path:
+    """Record the sha256 of every weight and config file of an exported `folder` in `SHA256SUMS`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
+    lines = [f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    path = folder / CHECKSUMS
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def verify_checksums(folder: Path) -> None:
+    """Check `folder` against its `SHA256SUMS`, when it has one (exported folders do)."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return
+    digests = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64 or not rel:
+            raise WeightsIntegrityError(f"{path} line {number} is not '<sha256>  <path>': {line[:80]!r}")
+        digests[rel] = digest
+    verify_sha256(folder, digests)
 
 
 def _unpublished(cfg: PretrainedCfg) -> str:
@@ -203,7 +265,9 @@ def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: 
     check_variant(variant)
     cls = upscaler_class(name)
     if weights is not None:
-        model = cls.from_pretrained(resolve_weights(weights))
+        folder = resolve_weights(weights)
+        verify_checksums(folder)
+        model = cls.from_pretrained(folder)
     elif pretrained:
         if cfg.repo_id is None:
             raise WeightsUnavailableError(_unpublished(cfg) + " (or pretrained=False for random weights)")
@@ -287,6 +351,7 @@ def export(model: VideoUpscaler, folder: str | os.PathLike, *, repo_id: str | No
     for path in folder.rglob("*"):
         if path.is_file():
             path.chmod(mode)
+    write_checksums(folder)
     return folder
 
 
@@ -305,13 +370,13 @@ def upscaler_from_checkpoint(ckpt: str | os.PathLike) -> VideoUpscaler:
         ValueError: not a readable zoo checkpoint.
         MissingExtraError: Lightning is not installed.
     """
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     import pickle
 
     import torch
 
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:

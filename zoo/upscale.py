@@ -328,7 +328,8 @@ def check_target(job: VideoJob, source: SourceInfo, scale: int, *, audio: bool, 
     if source.has_audio and audio and is_frame_folder_target(job.target):
         raise UpscaleError(f"cannot write {job.target}: a frame folder cannot hold the audio of {job.source} "
                            f"(write a video file, or pass --no-audio)")
-    check_destination(job.target, width=source.width * scale, height=source.height * scale, codec=codec, crf=crf,
+    check_destination(job.target, width=math.floor(source.width * scale), height=math.floor(source.height * scale),
+                      codec=codec, crf=crf,
                       audio_from=job.source if source.has_audio and audio else None)
 
 
@@ -694,6 +695,15 @@ def _planned_scale(cls: type[VideoUpscaler], user: dict[str, Any]) -> int:
 # The command -------------------------------------------------------------------------------------
 
 
+def _factor(text: str) -> int | float:
+    """A factor as given: an int where it is whole (most models take only ints), else a float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `zoo upscale` on the `zoo` command's subparsers."""
     from zoo.hub import REGISTRY
@@ -722,7 +732,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     model.add_argument("--devices", type=int, help="run on N devices through Lightning (needs the train extra)")
     model.add_argument("--dtype", default="fp32", choices=list(DTYPES), metavar="{fp32,bf16,fp16}")
     options = p.add_argument_group("model options (where the model takes them; defaults fit the free memory)")
-    options.add_argument("--scale", type=int, help="spatial factor")
+    options.add_argument("--scale", type=_factor, help="spatial factor")
     options.add_argument("--temporal-scale", type=int, help="frames out per frame in (space-time models)")
     options.add_argument("--tile", type=int, help="spatial tile side in input pixels (0: whole frames)")
     options.add_argument("--tile-overlap", type=int, help="tile overlap in input pixels")

@@ -11,6 +11,7 @@ from zoo.components.flow import (
     GroundTruthFlow,
     consecutive_flows,
     occlusion_mask,
+    published_raft_weights,
     resize_flow,
     valid_mask,
     warp,
@@ -237,8 +238,22 @@ def test_flow_estimator_pretrained_offline_names_the_weights(monkeypatch: pytest
         raise URLError("offline")
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"Raft_Small_Weights\.C_T_V2.*pretrained=False"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/raft_small_C_T_V2-01064c6d\.pth .*download https://"):
         FlowEstimator("small", pretrained=True)
+    url, path = published_raft_weights("small")
+    assert (path.name, path.parent.name) == ("raft_small_C_T_V2-01064c6d.pth", "checkpoints")
+    assert url.endswith("/raft_small_C_T_V2-01064c6d.pth")
+
+
+def test_flow_estimator_signed_inputs_skip_the_rescaling() -> None:
+    torch.manual_seed(0)
+    unit = FlowEstimator("small", pretrained=False, num_flow_updates=1)
+    signed = FlowEstimator("small", pretrained=False, num_flow_updates=1, signed_inputs=True)
+    signed.load_state_dict(unit.state_dict())
+    src, dst = torch.rand(1, 3, 24, 32), torch.rand(1, 3, 24, 32)
+    # [0, 1] inputs are mapped by x -> 2x - 1 inside; signed inputs go to RAFT as they are.
+    assert torch.equal(signed(src * 2 - 1, dst * 2 - 1), unit(src, dst))
+    assert not torch.allclose(signed(src, dst), unit(src, dst))
 
 
 def test_flow_estimator_rejects_bad_arguments() -> None:

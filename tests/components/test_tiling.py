@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.components.tiling import ChunkPlan, TilePlan, pad_frames, valid_length
+from zoo.components.tiling import ChunkPlan, TilePlan, pad_frames, pad_to_multiple, stream_chunks, valid_length
 
 
 def upscale2(x: torch.Tensor) -> torch.Tensor:
@@ -230,3 +230,60 @@ def test_chunk_plan_stream_checks_the_number_of_frames() -> None:
         list(plan.stream(lambda x: x, iter(torch.zeros(11, 1))))
     with pytest.raises(ValueError, match="fn must map 5 frames to 5"):
         plan.apply(lambda x: x[:-1], torch.zeros(10, 1))
+
+
+@pytest.mark.parametrize(
+    ("chunk", "overlap", "align", "temporal_scale"),
+    [(5, 1, "4n+1", 1), (9, 2, "8n+1", 1), (4, 0, None, 1), (5, 3, None, 1), (5, 1, "4n+1", 2), (5, 3, None, 2)],
+)
+def test_stream_chunks_equals_the_chunk_plan_without_knowing_the_length(
+        chunk: int, overlap: int, align: str | None, temporal_scale: int) -> None:
+    calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        # Depends on the chunk it sees (its mean), so every chunk boundary and weight shows in the output.
+        calls.append(len(x))
+        out = interpolate2(x) if temporal_scale == 2 else x
+        return out * 2 + x.mean()
+
+    for num_frames in range(1, 3 * chunk + 4):
+        torch.manual_seed(num_frames)
+        frames = torch.randn(num_frames, 2, 3)
+        plan = ChunkPlan(num_frames, chunk, overlap, align=align, temporal_scale=temporal_scale)
+        expected = plan.apply(fn, frames)
+        planned_calls, calls[:] = list(calls), []
+        got = torch.stack(list(stream_chunks(fn, iter(frames), chunk, overlap, align=align,
+                                             temporal_scale=temporal_scale)))
+        assert calls == planned_calls, num_frames
+        assert torch.equal(got, expected), num_frames
+        calls.clear()
+
+
+def test_stream_chunks_reads_ahead_only_to_the_next_chunk_start() -> None:
+    frames = torch.randn(40, 2)
+    consumed = []
+
+    def source():
+        for i, frame in enumerate(frames):
+            consumed.append(i)
+            yield frame
+
+    out = stream_chunks(lambda x: x, source(), 9, 2, align="8n+1")
+    first = next(out)
+    # The first chunk is [0, 9); the next one starts at 7 unless the clip ends before 16 (then at T - 9):
+    # frames 0..16 tell which.
+    assert len(consumed) == 17 and torch.equal(first, frames[0])
+    assert torch.equal(torch.stack([first, *out]), frames)
+    assert list(stream_chunks(lambda x: x, iter([]), 9, 2)) == []
+    with pytest.raises(ValueError, match="chunk must have 8n\\+1 frames"):
+        next(stream_chunks(lambda x: x, iter(frames), 8, 2, align="8n+1"))
+
+
+def test_reflect_padding_needs_each_side_shorter_than_the_frame() -> None:
+    frame = torch.rand(3, 6, 6)
+    padded, padding = pad_to_multiple(frame, 16, "reflect", centred=True)  # 5 on each side of 6 pixels
+    assert padded.shape == (3, 16, 16) and torch.equal(padding.crop(padded), frame)
+    with pytest.raises(ValueError, match="reflect padding of 6x6"):
+        pad_to_multiple(frame, 16, "reflect")  # all 10 on one side
+    with pytest.raises(ValueError, match="reflect padding of 5x5"):
+        pad_to_multiple(torch.rand(3, 5, 5), 16, "reflect", centred=True)  # 6 below 5 pixels

@@ -1,4 +1,4 @@
-"""OS-DiffVSR networks: Eq. (2), the fusion (Eqs. 10-14), the discriminator, configs, OSEDiff LoRA import."""
+"""OS-DiffVSR networks: Eq. (2), the fusion (Eqs. 8, 10-14), the discriminator, configs, OSEDiff start."""
 
 from __future__ import annotations
 
@@ -63,76 +63,100 @@ def _identity_fusion() -> MultiFrameFusion:
     with torch.no_grad():
         for conv in (fusion.to_q, fusion.to_k):
             conv.weight.copy_(torch.eye(2)[:, :, None, None])
-            conv.bias.zero_()
     return fusion
 
 
-def _latents() -> tuple[torch.Tensor, torch.Tensor]:
-    current = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
-    prev = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
-    next_ = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
-    return current, torch.stack([prev, current, next_], dim=1)
+def _latents(*vectors: tuple[float, float]) -> torch.Tensor:
+    """`[Z^w_{i-1}, Z^L_i, Z^w_{i+1}]` at one position: `(1, 3, 2, 1, 1)`."""
+    return torch.tensor(vectors).view(1, 3, 2, 1, 1)
 
 
-def test_fusion_weights_by_hand_and_sum_to_one() -> None:
-    current, latents = _latents()
-    weights = _identity_fusion().weights(current, latents)[0, :, 0, 0]
-    # q = (1, 0); q.k_j / sqrt(2) = (1/sqrt2, 1/sqrt2, 0), softmax over the three latents.
-    logits = torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0])
-    expected = logits.exp() / logits.exp().sum()
-    assert torch.allclose(weights, expected)
-    random = MultiFrameFusion(channels=4, dim=8, heads=2)
-    w = random.weights(torch.randn(2, 4, 3, 5), torch.randn(2, 3, 4, 3, 5))
-    assert torch.allclose(w.sum(dim=1), torch.ones(2, 3, 5))
+def test_eq10_13_attention_is_3x3_over_all_three_latents_by_hand() -> None:
+    # One head, W^Q = W^K = I, d_k = 2; latents (1, 0), (1, 0), (0, 1); a = 1/sqrt(2), e^a = 2.0281150.
+    # Queries (1, 0): logits (a, a, 0) -> (2.0281150, 2.0281150, 1) / 5.0562300 = (0.4011121, 0.4011121, 0.1977758).
+    # Query (0, 1): logits (0, 0, a) -> (1, 1, 2.0281150) / 4.0281150 = (0.2482551, 0.2482551, 0.5034898).
+    latents = _latents((1.0, 0.0), (1.0, 0.0), (0.0, 1.0))
+    attention = _identity_fusion().attention(latents)[0, :, :, 0, 0]
+    expected = torch.tensor([[0.4011121, 0.4011121, 0.1977758],
+                             [0.4011121, 0.4011121, 0.1977758],
+                             [0.2482551, 0.2482551, 0.5034898]])
+    assert torch.allclose(attention, expected, atol=1e-6)
+    # Eq. (13) then (12) with the mask at 1: (Z~_{i-1} + Z~_i + Z~_{i+1}) / 3 weights latent s by the column
+    # mean of A: (0.3501598, 0.3501598, 0.2996805), so Z^f = (0.7003195, 0.2996805). (A query from Z^L_i
+    # alone, the middle row, would give (0.8022242, 0.1977758).)
+    fused = _identity_fusion()(latents, torch.ones(1, 1, 1, 1))
+    assert torch.allclose(fused[0, :, 0, 0], torch.tensor([0.7003195, 0.2996805]), atol=1e-6)
 
 
-def test_fusion_head_average() -> None:
-    fusion = MultiFrameFusion(channels=2, dim=4, heads=2)
+def test_eq13_averages_the_heads_weights_by_hand() -> None:
+    fusion = MultiFrameFusion(channels=2, dim=2, heads=2)
     with torch.no_grad():
-        # Head 0 reads channel 0, head 1 reads channel 1 (queries and keys alike).
-        weight = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])[:, :, None, None]
-        for conv in (fusion.to_q, fusion.to_k):
-            conv.weight.copy_(weight)
-            conv.bias.zero_()
-    current = torch.tensor([1.0, 1.0]).view(1, 2, 1, 1)
-    latents = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])])
-    weights = fusion.weights(current, latents.view(1, 3, 2, 1, 1))[0, :, 0, 0]
-    # head_dim = 2: logits / sqrt(2); head 0 sees (1, 1, 0), head 1 sees (0, 1, 1).
-    head0 = torch.softmax(torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2), 0)
-    head1 = torch.softmax(torch.tensor([0.0, 1.0, 1.0]) / math.sqrt(2), 0)
-    assert torch.allclose(weights, (head0 + head1) / 2)
+        for conv in (fusion.to_q, fusion.to_k):  # head 0 reads channel 0, head 1 channel 1; d_k = 1
+            conv.weight.copy_(torch.eye(2)[:, :, None, None])
+    latents = _latents((1.0, 0.0), (1.0, 1.0), (0.0, 1.0))
+    # Head 0 sees (1, 1, 0): rows with q = 1 give (e, e, 1) / (2e + 1) = (0.4223188, 0.4223188, 0.1553624),
+    # the row with q = 0 gives 1/3 each. Head 1 sees (0, 1, 1) likewise. Their mean, row by row:
+    expected = torch.tensor([[0.3778261, 0.3778261, 0.2443479],
+                             [0.2888406, 0.4223188, 0.2888406],
+                             [0.2443479, 0.3778261, 0.3778261]])
+    assert torch.allclose(fusion.attention(latents)[0, :, :, 0, 0], expected, atol=1e-6)
+    # Column means (0.3036715, 0.3926570, 0.3036715): Z^f = (0.6963285, 0.6963285).
+    fused = fusion(latents, torch.ones(1, 1, 1, 1))
+    assert torch.allclose(fused[0, :, 0, 0], torch.tensor([0.6963285, 0.6963285]), atol=1e-6)
+    random = MultiFrameFusion(channels=4, dim=8, heads=2)
+    rows = random.attention(torch.randn(2, 3, 4, 3, 5)).sum(dim=2)
+    assert torch.allclose(rows, torch.ones(2, 3, 3, 5))
 
 
-def test_fusion_blend_is_z_l_where_mask_is_0_and_attention_mean_where_1() -> None:
-    fusion = _identity_fusion()
-    current, latents = _latents()
-    current = current.expand(1, 2, 1, 2).contiguous()
-    latents = latents.expand(1, 3, 2, 1, 2).contiguous()
-    mask = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)
-    fused = fusion(current, latents, mask)
-    weights = fusion.weights(current, latents)
-    attended = (weights[:, :, None] * latents).sum(dim=1)
-    assert torch.equal(fused[..., 0], current[..., 0])
-    assert torch.allclose(fused[..., 1], attended[..., 1])
-    # By hand: w = softmax(1/sqrt2, 1/sqrt2, 0); attended = (w0 + w1) * (1, 0) + w2 * (0, 1).
-    w = torch.softmax(torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]), 0)
-    assert torch.allclose(fused[0, :, 0, 1], torch.stack([w[0] + w[1], w[2]]))
+def test_eq12_blend_keeps_z_l_where_the_mask_is_0() -> None:
+    latents = _latents((1.0, 0.0), (1.0, 0.0), (0.0, 1.0)).expand(1, 3, 2, 1, 2).contiguous()
+    fused = _identity_fusion()(latents, torch.tensor([0.0, 1.0]).view(1, 1, 1, 2))
+    assert torch.equal(fused[0, :, 0, 0], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(fused[0, :, 0, 1], torch.tensor([0.7003195, 0.2996805]), atol=1e-6)
 
 
-def test_eq14_mask_thresholds_every_neighbour() -> None:
+def test_eq14_mask_thresholds_the_sum_of_both_warping_errors() -> None:
     frame = torch.zeros(1, 3, 1, 3)
-    # exp(-alpha * mean|d|) with alpha = 1: d = 0.5 -> 0.61 > 0.4, d = 1 -> 0.37 < 0.4.
-    prev = torch.tensor([0.5, 1.0, 0.0]).view(1, 1, 1, 3).expand(1, 3, 1, 3)
-    next_ = torch.tensor([0.0, 0.0, 1.0]).view(1, 1, 1, 3).expand(1, 3, 1, 3)
-    mask = fusion_mask(frame, torch.stack([prev, next_]), alpha=1.0, threshold=0.4)
+    # Per pixel, both warped neighbours differ from the frame by (R, G, B):
+    # pixel 0: (0.3, 0, 0)       -> e_prev + e_next = 0.6 -> exp(-0.6) = 0.5488 > 0.4 -> 1
+    # pixel 1: (0.5, 0, 0)       -> 1.0 -> exp(-1.0) = 0.3679 <= 0.4 -> 0 (the larger one alone: exp(-0.5) -> 1)
+    # pixel 2: (0.2, 0.2, 0.2)   -> 1.2 -> exp(-1.2) = 0.3012 -> 0 (a channel mean instead of the L1 sum: 1)
+    warped = torch.tensor([[0.3, 0.0, 0.0], [0.5, 0.0, 0.0], [0.2, 0.2, 0.2]]).T.reshape(1, 3, 1, 3)
+    mask = fusion_mask(frame, warped, warped, alpha=1.0, threshold=0.4)
     assert mask.shape == (1, 1, 1, 3)
     assert mask.flatten().tolist() == [1.0, 0.0, 0.0]
+    # Errors from one neighbour add to the other's: a 0.5 error on the previous frame alone fuses.
+    assert fusion_mask(frame, warped, frame, alpha=1.0, threshold=0.4).flatten().tolist() == [1.0, 1.0, 1.0]
 
 
-def test_mask_downsample_is_a_min_pool() -> None:
+def test_eq12_mask_downsample_is_a_min_pool() -> None:
     mask = torch.ones(1, 1, 4, 4)
     mask[0, 0, 0, 0] = 0
     assert downsample_mask(mask, (2, 2)).flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_eq8_neighbours_are_warped_onto_the_current_frame() -> None:
+    net = OSDiffVSRNet(OSDiffVSRConfig.tiny())
+    texture = torch.rand(1, 3, 4, 8)
+    current = texture[..., 1:7]
+    prev, next_ = texture[..., 0:6], texture[..., 2:8]  # prev[x] = current[x - 1], next[x] = current[x + 1]
+    frames = {"current": current, "prev": prev, "next": next_}
+    # The true flows (pixel p of src shows what dst shows at p + flow): current -> prev is +1 in x.
+    shifts = {("current", "prev"): 1.0, ("current", "next"): -1.0, ("prev", "current"): -1.0, ("next", "current"): 1.0}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            flow = torch.zeros(src.shape[0], 2, *src.shape[-2:])
+            for j in range(src.shape[0]):
+                names = tuple(next(k for k, v in frames.items() if torch.equal(v[0], x[j])) for x in (src, dst))
+                flow[j, 0] = shifts[names]
+            return flow
+
+    net.flow = Oracle()
+    warped_prev, warped_next = net.align(prev, current, next_)
+    # Away from the border column that the warp has to fill, each neighbour lands exactly on the current frame.
+    assert torch.allclose(warped_prev[..., :-1], current[..., :-1])
+    assert torch.allclose(warped_next[..., 1:], current[..., 1:])
 
 
 def test_discriminator_patch_grid_resizes_to_multiple_of_14() -> None:
@@ -160,7 +184,7 @@ def test_tiny_net_shapes_and_frozen_decoder() -> None:
 
 
 def _as_osediff_checkpoint(net: OSDiffVSRNet) -> dict:
-    """`net`'s LoRA in OSEDiff's save format (three UNet adapters, peft's default alpha 8)."""
+    """`net`'s `osediff` adapter and UNet conv_in in OSEDiff's save format (three UNet adapters)."""
     def rename(name: str, part: str) -> str:
         if part == "vae" or "down_blocks" in name or "conv_in" in name:
             adapter = "default_encoder"
@@ -168,39 +192,47 @@ def _as_osediff_checkpoint(net: OSDiffVSRNet) -> dict:
             adapter = "default_decoder"
         else:
             adapter = "default_others"
-        return re.sub(r"\.(lora_[AB])\.default\.", rf".\1.{adapter}.", name)
+        return re.sub(r"\.(lora_[AB])\.osediff\.", rf".\1.{adapter}.", name)
 
     ckpt = {"rank_unet": 4, "rank_vae": 4}
     for part in ("unet", "vae"):
-        state = {}
-        for name, tensor in getattr(net, part).state_dict().items():
-            if "lora_" in name or (part == "unet" and name.startswith("conv_in.")):
-                # OSEDiff's update is (8 / r) B A: store B so that it equals ours.
-                state[rename(name, part)] = tensor / 2 if ".lora_B." in name else tensor
-        ckpt[f"state_dict_{part}"] = state
+        ckpt[f"state_dict_{part}"] = {
+            rename(name, part): tensor for name, tensor in getattr(net, part).state_dict().items()
+            if ".osediff." in name or (part == "unet" and name.startswith("conv_in.base_layer."))
+        }
     return ckpt
 
 
-def test_load_osediff_lora_maps_names_and_alpha(tmp_path: Path) -> None:
+def test_osediff_lora_fills_a_frozen_adapter_next_to_fresh_trained_ones(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    source = OSDiffVSRNet(OSDiffVSRConfig.tiny())
+    config = OSDiffVSRConfig.tiny().replace(lora_rank=8, osediff_rank=4)
+    source = OSDiffVSRNet(config)
     with torch.no_grad():
         for name, p in source.named_parameters():
-            if "lora_B" in name or name.startswith("unet.conv_in.base_layer"):
+            if ".lora_B.osediff." in name or name.startswith("unet.conv_in.base_layer"):
                 p.normal_()
     path = tmp_path / "osediff.pkl"
     torch.save(_as_osediff_checkpoint(source), path)
-    target = OSDiffVSRNet(OSDiffVSRConfig.tiny())
+    target = OSDiffVSRNet(config)
     load_osediff_lora(target, path)
     for name, tensor in source.state_dict().items():
-        if "lora_" in name or name.startswith("unet.conv_in."):
+        if ".osediff." in name or name.startswith("unet.conv_in.base_layer."):
             assert torch.equal(target.state_dict()[name], tensor), name
+    trainable = {name for name, p in target.named_parameters() if p.requires_grad}
+    assert trainable and not any(".osediff." in name for name in trainable)
+    assert all(".lora_B.default." not in n or not p.any() for n, p in target.named_parameters())  # B = 0: fresh
+    # OSEDiff's update is (8 / 4) B A, its alpha over its rank; the trained adapter's is (8 / 8) B A.
+    layer = target.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert layer.scaling == {"default": 1.0, "osediff": 2.0}
+    x = torch.randn(5, layer.in_features)
+    a, b = layer.lora_A["osediff"].weight, layer.lora_B["osediff"].weight
+    with torch.no_grad():
+        assert torch.allclose(layer(x), layer.base_layer(x) + 2.0 * x @ a.T @ b.T, atol=1e-5)
 
 
 def test_load_osediff_lora_rejects_other_rank(tmp_path: Path) -> None:
     path = tmp_path / "osediff.pkl"
     torch.save({"rank_unet": 4, "rank_vae": 4, "state_dict_unet": {}, "state_dict_vae": {}}, path)
-    net = OSDiffVSRNet(OSDiffVSRConfig.tiny().replace(lora_rank=8))
-    with pytest.raises(ValueError, match="lora_rank=4"):
+    net = OSDiffVSRNet(OSDiffVSRConfig.tiny().replace(osediff_rank=8))
+    with pytest.raises(ValueError, match="osediff_rank=4"):
         load_osediff_lora(net, path)
-

@@ -22,8 +22,8 @@ def upscaler() -> OSDiffVSRUpscaler:
 
 
 def test_hub_tiny_runs_on_a_video(upscaler: OSDiffVSRUpscaler) -> None:
-    out = upscaler(torch.rand(5, 3, 32, 48))
-    assert out.shape == (5, 3, 128, 192)
+    out = upscaler(torch.rand(3, 3, 16, 24))
+    assert out.shape == (3, 3, 64, 96)
     assert out.min() >= 0 and out.max() <= 1
 
 
@@ -36,7 +36,7 @@ def test_stream_window_boundaries_and_one_frame_lookahead(upscaler: OSDiffVSRUps
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     windows, pulled = [], []
 
-    def record(prev, current, next_):
+    def record(prev, current, next_, prompt_embeds=None):
         windows.append(tuple(int(x[0, 0, 0, 0] * 10) for x in (prev, current, next_)))
         return torch.zeros(1, 3, 8, 8)
 
@@ -54,6 +54,35 @@ def test_stream_window_boundaries_and_one_frame_lookahead(upscaler: OSDiffVSRUps
     windows.clear()
     list(upscaler.stream(frames(1)))
     assert windows == [(0, 0, 0)]
+
+
+def test_each_frame_is_generated_with_its_own_prompt_embedding(upscaler: OSDiffVSRUpscaler) -> None:
+    seen: list[float] = []
+
+    def record(module, args, kwargs) -> None:
+        seen.append(kwargs["encoder_hidden_states"][0, 0, 0].item())
+
+    frames = torch.rand(3, 3, 8, 8)
+    _, length, width = upscaler.net.prompt_embeds.shape
+    per_frame = (1.0 + torch.arange(3.0)).view(3, 1, 1).expand(3, length, width)  # c_t = t + 1 everywhere
+    handle = upscaler.net.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        together = upscaler(frames, prompt_embeds=per_frame)
+        streamed = torch.stack(list(upscaler.stream(frames.unbind(0), iter(per_frame.unbind(0)))))
+    finally:
+        handle.remove()
+    # Frame 0's window is (I_1, I_0, I_1) but its condition is c_0; the last frame's is c_2.
+    assert seen == [1.0, 2.0, 3.0] * 2
+    assert torch.equal(together, streamed)
+    # None is the stored embedding, the same for every frame.
+    stored = upscaler.net.prompt_embeds
+    assert torch.equal(upscaler(frames), upscaler(frames, prompt_embeds=stored.expand(3, -1, -1)))
+    with pytest.raises(ValueError, match="1 or T = 3 embeddings, got 2"):
+        upscaler(frames, prompt_embeds=per_frame[:2])
+    with pytest.raises(ValueError, match=rf"\(1 or T, {length}, {width}\) CLIP embeddings, got \(3, {length}\)"):
+        upscaler(frames, prompt_embeds=per_frame[..., 0])
+    with pytest.raises(ValueError, match="ran out before the frames"):
+        list(upscaler.stream(frames.unbind(0), iter(per_frame[:1].unbind(0))))
 
 
 def test_odd_sizes_are_padded_and_cropped(upscaler: OSDiffVSRUpscaler) -> None:

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from zoo.components.flow import warp
 from zoo.stream_diffvsr.network import (
     TINY_AUTOENCODER_X4,
     StreamDiffVSRConfig,
     StreamDiffVSRNet,
     TemporalAutoencoderTiny,
     TemporalTinyBlock,
+    stream_warp,
 )
 
 BASE_CONFIGS = Path(__file__).parents[2] / ".." / "shared" / "base_configs.json"
@@ -154,3 +156,44 @@ def test_mismatched_controlnet_downscale_raises():
     config.controlnet = {**config.controlnet, "conditioning_embedding_out_channels": [8, 8, 8, 16]}
     with pytest.raises(ValueError, match="downsamples by 8"):
         StreamDiffVSRNet(config)
+
+
+# The warp of the previous output ------------------------------------------------------------
+
+def test_stream_warp_by_hand_zero_flow_is_a_stretch_with_quarter_corners():
+    # image[y, x] = 5y + x + 1 on 5 x 5. Pixel x reads u = x * 5/4 - 1/2 (and v likewise):
+    # u = -0.5, 0.75, 2.0, 3.25, 4.5. Outside the image is zero.
+    image = (torch.arange(25.0) + 1).view(1, 1, 5, 5)
+    out = stream_warp(image, torch.zeros(1, 2, 5, 5))[0, 0]
+    assert out[2, 2] == 13  # the centre reads itself: u = v = 2
+    # corners read half a pixel outside on both axes: a quarter of the corner pixel
+    assert out[0, 0] == 0.25 * 1 and out[0, 4] == 0.25 * 5 and out[4, 0] == 0.25 * 21 and out[4, 4] == 0.25 * 25
+    # edges: half of the edge pixel (v = 2 exactly, u = -0.5)
+    assert out[2, 0] == 0.5 * 11
+    # (1, 1) reads (0.75, 0.75): 1 + 0.75 * 1 + 0.75 * 5 = 5.5
+    assert out[1, 1] == pytest.approx(5.5, abs=1e-6)
+
+
+def test_stream_warp_by_hand_follows_the_flow_to_the_previous_frame():
+    image = (torch.arange(25.0) + 1).view(1, 1, 5, 5)
+    flow = torch.zeros(1, 2, 5, 5)
+    flow[0, 0, 2, 1], flow[0, 1, 2, 1] = 1.2, -0.8
+    out = stream_warp(image, flow)[0, 0]
+    # Pixel (x, y) = (1, 2) goes to (2.2, 1.2) and reads u = 2.2 * 5/4 - 1/2 = 2.25, v = 1.2 * 5/4 - 1/2 = 1:
+    # row 1 is 6, 7, 8, ...: 6 + 2.25 = 8.25. The shared pixel-centre warp reads (2.2, 1.2): 5 * 1.2 + 2.2 + 1 = 9.2.
+    assert out[2, 1] == pytest.approx(8.25, abs=1e-5)
+    assert warp(image, flow, padding_mode="zeros")[0, 0, 2, 1] == pytest.approx(9.2, abs=1e-5)
+    # x and y are not swapped: the transposed flow reads elsewhere
+    assert stream_warp(image, flow.flip(1))[0, 0, 2, 1] != pytest.approx(8.25, abs=1e-3)
+
+
+def test_stream_warp_samples_in_float32_and_keeps_the_dtype():
+    image = torch.rand(1, 3, 6, 10)
+    flow = torch.randn(1, 2, 6, 10)
+    half = stream_warp(image.bfloat16(), flow)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - stream_warp(image, flow)).abs().max() < 1e-2
+    with pytest.raises(ValueError, match="flow must be"):
+        stream_warp(image, torch.zeros(1, 3, 6, 10))
+    with pytest.raises(ValueError, match="image must be"):
+        stream_warp(image, torch.zeros(1, 2, 6, 9))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,9 +12,8 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 
 import zoo.hub
-import zoo.stream_diffvsr.pipeline as pipeline_module
-from zoo.components.flow import FlowEstimator
-from zoo.stream_diffvsr.network import StreamDiffVSRConfig
+from zoo.components.flow import FlowEstimator, published_raft_weights
+from zoo.stream_diffvsr.network import StreamDiffVSRConfig, controlnet_config_from_unet, stream_warp
 from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler
 
 REPO_ROOT = Path(__file__).parents[2]
@@ -60,6 +60,7 @@ def test_session_holds_one_previous_frame_only(upscaler):
     assert out.shape == (3, 64, 96)
     held = {name: value for name, value in vars(session).items() if isinstance(value, torch.Tensor)}
     assert set(held) == {"prev_lr", "prev_hr"}
+    # multiples of 4 run as they are
     assert held["prev_lr"].shape == (1, 3, 16, 24) and held["prev_hr"].shape == (1, 3, 64, 96)
 
 
@@ -156,16 +157,28 @@ def _vae_shape(key: str, vae) -> tuple[int, ...]:
 
 
 @pytest.fixture
-def no_raft_download(monkeypatch):
-    # torchvision's RAFT weights cannot be downloaded here; official folders ask for them.
-    monkeypatch.setattr(pipeline_module, "FlowEstimator",
-                        lambda variant, pretrained, num_flow_updates: FlowEstimator("small", False, 2))
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache: torchvision finds no RAFT weights there."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch"
 
 
-def test_official_layout_loads_strictly_and_runs(tmp_path, no_raft_download, official_vae_keys):
+@pytest.fixture
+def cached_raft(torch_home) -> dict[str, torch.Tensor]:
+    """Random RAFT-large weights where torchvision keeps its downloaded ones (none can be downloaded here)."""
+    torch.manual_seed(5)
+    state = FlowEstimator("large", pretrained=False).raft.state_dict()
+    _, path = published_raft_weights("large")
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return state
+
+
+def test_untouched_official_folder_loads_with_the_official_settings(tmp_path, cached_raft, official_vae_keys):
     config = StreamDiffVSRConfig.tiny()
     states = write_official_folder(tmp_path / "official", config, official_vae_keys)
-    up = StreamDiffVSRUpscaler.from_pretrained(tmp_path / "official").eval()
+    assert not (tmp_path / "official" / "config.json").exists()
+    up = zoo.hub.load("stream_diffvsr", weights=tmp_path / "official")
     for name in ("unet", "controlnet", "vae"):
         ours = getattr(up.net, name).state_dict()
         assert set(ours) == set(states[name])
@@ -174,14 +187,40 @@ def test_official_layout_loads_strictly_and_runs(tmp_path, no_raft_download, off
     assert up.config.scheduler["clip_sample"] is False and up.config.scheduler["steps_offset"] == 1
     # the empty-prompt embedding was computed with the folder's text encoder: (1, 6 tokens, 16)
     assert up.net.prompt_embeds.shape == (1, 6, 16) and up.net.prompt_embeds.abs().sum() > 0
-    out = up(torch.rand(3, 3, 16, 24))
-    assert out.shape == (3, 3, 64, 96) and torch.isfinite(out).all()
+    # official inference.py: RAFT-large with torchvision's weights, 12 updates, at HR; noise seed 42
+    assert (up.config.flow_variant, up.config.flow_updates, up.config.seed) == ("large", 12, 42)
+    assert up.flow_resolution == "hr" and up.flow.signed_inputs and up.flow.num_flow_updates == 12
+    assert all(torch.equal(v, cached_raft[k]) for k, v in up.flow.raft.state_dict().items())
+    out = up(torch.rand(2, 3, 16, 24))
+    assert out.shape == (2, 3, 64, 96) and torch.isfinite(out).all()
 
     hub = torch.hub.load(str(REPO_ROOT), "stream_diffvsr", source="local", weights=str(tmp_path / "official"))
     assert all(torch.equal(a, b) for a, b in zip(hub.net.state_dict().values(), up.net.state_dict().values()))
 
 
-def test_official_folder_without_prompt_source_fails_clearly(tmp_path, no_raft_download, official_vae_keys):
+def test_official_folder_offline_without_raft_names_the_file(tmp_path, torch_home, official_vae_keys):
+    write_official_folder(tmp_path / "official", StreamDiffVSRConfig.tiny(), official_vae_keys)
+    with pytest.raises(FileNotFoundError) as error:
+        zoo.hub.load("stream_diffvsr", weights=tmp_path / "official")
+    message = str(error.value)
+    assert str(torch_home / "hub" / "checkpoints" / "raft_large_C_T_SKHT_V2-ff5fadd5.pth") in message
+    assert "https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth" in message
+    assert "HF_HUB_OFFLINE=1" in message and "flow/model.safetensors" in message and "\n" not in message
+
+
+def test_exported_official_folder_carries_raft_and_needs_no_download(tmp_path, cached_raft, official_vae_keys):
+    write_official_folder(tmp_path / "official", StreamDiffVSRConfig.tiny(), official_vae_keys)
+    up = zoo.hub.load("stream_diffvsr", weights=tmp_path / "official")
+    folder = zoo.hub.export(up, tmp_path / "exported")
+    assert (folder / "flow" / "model.safetensors").is_file()
+    published_raft_weights("large")[1].unlink()  # as on a machine that never downloaded torchvision's RAFT
+    loaded = zoo.hub.load("stream_diffvsr", weights=folder)
+    assert all(torch.equal(v, cached_raft[k]) for k, v in loaded.flow.raft.state_dict().items())
+    video = torch.rand(2, 3, 16, 24)
+    assert torch.equal(loaded(video), up(video))
+
+
+def test_official_folder_without_prompt_source_fails_clearly(tmp_path, cached_raft, official_vae_keys):
     write_official_folder(tmp_path / "official", StreamDiffVSRConfig.tiny(), official_vae_keys)
     import shutil
 
@@ -196,6 +235,7 @@ def test_saved_folder_has_official_layout_readable_by_diffusers(tmp_path, upscal
         assert (folder / name / "config.json").is_file()
         assert (folder / name / "diffusion_pytorch_model.safetensors").is_file()
     assert (folder / "scheduler" / "scheduler_config.json").is_file()
+    assert (folder / "flow" / "model.safetensors").is_file()
     # the official code loads unet/ and controlnet/ with diffusers' from_pretrained
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in upscaler.net.unet.state_dict().items())
@@ -224,8 +264,7 @@ def test_missing_component_names_the_file(tmp_path):
         StreamDiffVSRUpscaler.from_pretrained(tmp_path)
 
 
-def test_pretrained_raft_missing_raises_clearly(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+def test_pretrained_raft_download_failure_names_the_file(monkeypatch, torch_home):
     from urllib.error import URLError
 
     from torchvision.models.optical_flow import Raft_Small_Weights
@@ -234,7 +273,7 @@ def test_pretrained_raft_missing_raises_clearly(monkeypatch, tmp_path):
         raise URLError("offline")
 
     monkeypatch.setattr(type(Raft_Small_Weights.DEFAULT), "get_state_dict", offline)
-    with pytest.raises(RuntimeError, match="could not be downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"raft_small_C_T_V2-01064c6d\.pth .*could not be downloaded"):
         FlowEstimator("small", pretrained=True)
 
 
@@ -261,3 +300,142 @@ def test_zoo_upscale_streams_a_file_and_a_y4m_pipe(tmp_path, monkeypatch):
     cli.zoo_main(["upscale", "-", "-", *args])
     piped = iter_y4m(io.BytesIO(sink.getvalue()))
     assert (piped.width, piped.height, piped.fps) == (108, 76, 25) and len(list(piped)) == 4
+
+
+# The official pipeline's behaviour, pinned on hand-computed tensors --------------------------------------------------
+
+def spy_frames(up: StreamDiffVSRUpscaler, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Record `(lr, noise, warped_prev)` of every frame the networks run."""
+    seen = []
+    upscale_frame = up.net.upscale_frame
+
+    def spy(lr, noise, warped_prev):
+        seen.append((lr, noise, warped_prev))
+        return upscale_frame(lr, noise, warped_prev)
+
+    monkeypatch.setattr(up.net, "upscale_frame", spy)
+    return seen
+
+
+class RecordingFlow(torch.nn.Module):
+    """A flow estimator returning one constant flow `(dx, dy)` and recording the frames it is given."""
+
+    def __init__(self, dx: float, dy: float) -> None:
+        super().__init__()
+        self.dx, self.dy = dx, dy
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, current, previous):
+        self.calls.append((current, previous))
+        flow = torch.empty(current.shape[0], 2, *current.shape[-2:])
+        flow[:, 0], flow[:, 1] = self.dx, self.dy
+        return flow
+
+
+def edge_clip() -> torch.Tensor:
+    """Two 4x4 frames: a flat grey one, then one whose left half is black and right half white."""
+    current = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(3, 4, 4)
+    return torch.stack([torch.full((3, 4, 4), 0.5), current])
+
+
+@pytest.fixture
+def fresh() -> StreamDiffVSRUpscaler:
+    """A tiny upscaler of this test's own, free to get another flow estimator."""
+    torch.manual_seed(0)
+    return StreamDiffVSRUpscaler.from_variant("tiny").eval()
+
+
+def test_hr_flow_runs_on_bicubic_x4_frames_in_minus_one_one_unclamped_current_first(fresh, monkeypatch):
+    flow = fresh.flow = RecordingFlow(2.0, 0.0)
+    seen = spy_frames(fresh, monkeypatch)
+    session = fresh.session()
+    session.push(edge_clip()[0])
+    prev_hr = session.prev_hr
+    session.push(edge_clip()[1])
+    (current, previous), = flow.calls
+    assert current.shape == previous.shape == (1, 3, 16, 16)
+    # channels-last, as the official frames (views of HWC arrays): RAFT's kernels depend on it
+    assert current.is_contiguous(memory_format=torch.channels_last)
+    # Grey 0.5 is 0 in [-1, 1], and bicubic keeps it 0. The edge row [-1, -1, 1, 1] upsampled x4
+    # (align_corners=False, Keys kernel a = -0.75, borders replicated): HR column x reads LR position
+    # (x + 0.5) / 4 - 0.5. Column 11: 2.375, taps LR 1..4 (4 -> 3) at distances 1.375, 0.375, 0.625,
+    # 1.625 with weights -0.10986328, 0.74951172, 0.42626953, -0.06591797:
+    # -1 * -0.10986328 + 0.74951172 + 0.42626953 - 0.06591797 = 1.21972656 (overshoot kept).
+    # Column 12: 2.625, taps 1..4 at 1.625, 0.625, 0.375, 1.375: 0.06591797 + 0.42626953 + 0.74951172
+    # - 0.10986328 = 1.13183594. Column 8: 1.625, taps 0..3: -(-0.06591797 + 0.42626953) + 0.74951172
+    # - 0.10986328 = 0.27929688.
+    assert torch.equal(previous, torch.zeros(1, 3, 16, 16))
+    row = current[0, 0, 0]
+    assert row[[8, 11, 12]].tolist() == pytest.approx([0.27929688, 1.21972656, 1.13183594], abs=1e-6)
+    assert torch.equal(current[0, :, 5], current[0, :, 0]) and current.max() > 1
+    # The returned flow warps the previous raw output.
+    assert torch.equal(seen[1][2], stream_warp(prev_hr, flow(current, previous)))
+
+
+def test_lr_flow_option_runs_raft_on_lr_frames_and_scales_the_flow_x4(fresh, monkeypatch):
+    flow = fresh.flow = RecordingFlow(1.0, -0.5)
+    fresh.configure(flow_resolution="lr")
+    seen = spy_frames(fresh, monkeypatch)
+    session = fresh.session()
+    session.push(edge_clip()[0])
+    prev_hr = session.prev_hr
+    session.push(edge_clip()[1])
+    (current, previous), = flow.calls
+    assert torch.equal(current[0, 0, 0], torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    assert torch.equal(previous, torch.zeros(1, 3, 4, 4))
+    # (1, -0.5) LR pixels are (4, -2) HR pixels.
+    hr_flow = torch.stack([torch.full((16, 16), 4.0), torch.full((16, 16), -2.0)])[None]
+    assert torch.equal(seen[1][2], stream_warp(prev_hr, hr_flow))
+    with pytest.raises(ValueError, match="flow_resolution must be one of hr, lr, got 'LR'"):
+        fresh.configure(flow_resolution="LR")
+
+
+def four_level_config() -> StreamDiffVSRConfig:
+    """The tiny config with a 4-level UNet (downsampling by 8), like the SD x4 upscaler's."""
+    config = StreamDiffVSRConfig.tiny()
+    unet = {**config.unet, "block_out_channels": [8, 8, 8, 16],
+            "down_block_types": ["DownBlock2D"] * 3 + ["CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * 3,
+            "only_cross_attention": [False, False, False, True]}
+    return dataclasses.replace(config, unet=unet, controlnet=controlnet_config_from_unet(unet, (8, 8, 16)))
+
+
+def test_lr_sizes_pad_only_to_the_autoencoder_factor_four(monkeypatch):
+    torch.manual_seed(0)
+    up = StreamDiffVSRUpscaler(four_level_config()).eval()
+    assert up.size_multiple == 4
+    seen = spy_frames(up, monkeypatch)
+    # 20 x 28 is a multiple of 4 but not of the UNet's 8: it runs as it is (the official pipeline's size).
+    frames = torch.rand(2, 3, 20, 28)
+    assert up(frames).shape == (2, 3, 80, 112)
+    assert [tuple(lr.shape) for lr, _, _ in seen] == [(1, 3, 20, 28)] * 2
+    assert [tuple(noise.shape) for _, noise, _ in seen] == [(1, 4, 20, 28)] * 2
+    assert torch.equal(seen[0][0][0], frames[0] * 2 - 1)
+    # 18 x 22 is padded to 20 x 24 by repeating the last row and column; the output is cropped to 72 x 88.
+    seen.clear()
+    session = up.session()
+    out = session.push(frames[0, :, :18, :22])
+    lr = seen[0][0][0]
+    assert lr.shape == (3, 20, 24)
+    assert torch.equal(lr[:, 18:, :22], lr[:, 17:18, :22].expand(3, 2, 22))
+    assert torch.equal(lr[:, :, 22:], lr[:, :, 21:22].expand(3, 20, 2))
+    assert torch.equal(out, (session.prev_hr[0].float() / 2 + 0.5).clamp(0, 1)[:, :72, :88])
+
+
+def test_noise_is_drawn_per_frame_from_a_stream_generator_seeded_by_config_seed(upscaler, monkeypatch):
+    seen = spy_frames(upscaler, monkeypatch)
+    frames = torch.rand(3, 3, 8, 12)
+    list(upscaler.stream(frames))
+    # The official inference.py on CPU: set_seed(42), then one (1, 4, h, w) draw per frame, in order.
+    assert upscaler.config.seed == 42
+    torch.manual_seed(42)
+    official = [torch.randn(1, 4, 8, 12) for _ in range(3)]
+    assert all(torch.equal(noise, expected) for (_, noise, _), expected in zip(seen, official))
+    # Every stream starts again from the seed; another seed gives other noise.
+    seen.clear()
+    list(upscaler.stream(frames[:1]))
+    assert torch.equal(seen[0][1], official[0])
+    monkeypatch.setattr(upscaler.config, "seed", 7)
+    seen.clear()
+    list(upscaler.stream(frames[:1]))
+    assert torch.equal(seen[0][1], torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(7)))

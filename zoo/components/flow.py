@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +48,22 @@ def _check_flow(flow: Tensor, name: str = "flow") -> None:
         raise ValueError(f"{name} must be (N, 2, H, W), got {tuple(flow.shape)}")
 
 
+def published_raft_weights(variant: str) -> tuple[str, Path]:
+    """torchvision's published RAFT weights of `variant` (`"large"` / `"small"`): their URL, and the file
+    in torch's hub cache (`<torch.hub.get_dir()>/checkpoints/`) where torchvision keeps and looks for them."""
+    if variant not in _RAFT:
+        raise ValueError(f"variant must be 'large' or 'small', got {variant!r}")
+    url = _RAFT[variant][1].url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
 class FlowEstimator(nn.Module):
     """Frozen torchvision RAFT as a `FlowFn`: `estimator(src, dst)` is the flow from `src` to `dst`.
 
-    Inputs are `(N, 3, H, W)` in `[0, 1]` of any size; they are padded (edge replication) to a
-    multiple of 8 and at least RAFT's minimum size (128 for the 4-level correlation pyramid), and
-    the flow is cropped back. The `N` pairs run as one batch, without gradients.
+    Inputs are `(N, 3, H, W)` in `[0, 1]` (or in RAFT's own `[-1, 1]` with `signed_inputs`) of any
+    size; they are padded (edge replication) to a multiple of 8 and at least RAFT's minimum size (128
+    for the 4-level correlation pyramid), and the flow is cropped back; sizes that need neither run
+    as they are. The `N` pairs run as one batch, without gradients.
 
     Args:
         variant: `"large"` (`raft_large`) or `"small"` (`raft_small`).
@@ -62,6 +74,8 @@ class FlowEstimator(nn.Module):
         autocast_dtype: run RAFT under `torch.autocast` with this dtype (`torch.bfloat16` or
             `torch.float16` on CUDA); `None` runs in the module's dtype. The flow is returned in
             float32 either way.
+        signed_inputs: images come in RAFT's input range `[-1, 1]` and are used as they are (e.g.
+            bicubic-upsampled frames with their overshoot); else they are in `[0, 1]` and rescaled.
     """
 
     def __init__(
@@ -70,6 +84,7 @@ class FlowEstimator(nn.Module):
         pretrained: bool = True,
         num_flow_updates: int = 12,
         autocast_dtype: torch.dtype | None = None,
+        signed_inputs: bool = False,
     ) -> None:
         super().__init__()
         if variant not in _RAFT:
@@ -82,15 +97,17 @@ class FlowEstimator(nn.Module):
             try:
                 state = weights.get_state_dict(progress=False, check_hash=True)
             except URLError as err:
-                raise RuntimeError(
-                    f"RAFT weights {weights} could not be downloaded from {weights.url}; put that file in "
-                    f"{torch.hub.get_dir()}/checkpoints or pass pretrained=False"
-                ) from err
+                url, path = published_raft_weights(variant)
+                raise FileNotFoundError(
+                    f"RAFT weights {path} ({weights}) are missing and could not be downloaded ({err.reason}); "
+                    f"download {url} to that path, or pass pretrained=False"
+                ) from None
             self.raft.load_state_dict(state)
         self.raft.requires_grad_(False)
         self.raft.eval()
         self.num_flow_updates = num_flow_updates
         self.autocast_dtype = autocast_dtype
+        self.signed_inputs = signed_inputs
         # Images are downsampled 8x, then the correlation volume 2x per extra pyramid level, and
         # its coarsest level needs at least 2 entries per side.
         self.min_size = 8 * 2 * 2 ** (self.raft.corr_block.num_levels - 1)
@@ -103,16 +120,18 @@ class FlowEstimator(nn.Module):
 
     @torch.no_grad()
     def forward(self, src: Tensor, dst: Tensor) -> Tensor:
-        """Flow `(N, 2, H, W)` from `src` to `dst`, both `(N, 3, H, W)` in `[0, 1]`."""
+        """Flow `(N, 2, H, W)` from `src` to `dst`, both `(N, 3, H, W)` in `[0, 1]` (`[-1, 1]` if `signed_inputs`)."""
         _check_pair(src, dst)
         height, width = src.shape[-2:]
         pad_h = max(math.ceil(height / 8) * 8, self.min_size) - height
         pad_w = max(math.ceil(width / 8) * 8, self.min_size) - width
         pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
         param = next(self.raft.parameters())
-        # RAFT expects images in [-1, 1].
-        images = torch.cat([src, dst]).to(param.device, param.dtype) * 2 - 1
-        images = F.pad(images, pad, mode="replicate")
+        images = torch.cat([src, dst]).to(param.device, param.dtype)
+        if not self.signed_inputs:
+            images = images * 2 - 1  # RAFT expects images in [-1, 1]
+        if any(pad):
+            images = F.pad(images, pad, mode="replicate")
         image1, image2 = images.chunk(2)
         with torch.autocast(
             device_type=images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None

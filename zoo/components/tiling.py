@@ -9,6 +9,9 @@ segment and down over the overlap with the next one.
 Blending keeps a running weighted mean, `out <- lerp(out, y, w / (w_sum + w))`: it equals the
 normalised weighted sum `sum(w_i y_i) / sum(w_i)`, and where all segments agree it returns their
 value bit for bit, so an identity function through any plan reproduces its input exactly.
+
+`ChunkPlan` needs the clip's length up front; `stream_chunks` runs the same plan over frames whose
+number is known only when they end (a decoder, a camera), reading ahead to the next chunk's start.
 """
 
 from __future__ import annotations
@@ -281,7 +284,8 @@ def pad_to_multiple(x: Tensor, multiple: int, mode: str = "replicate", centred: 
         padding = Padding(0, pad_w, 0, pad_h)
     if not (pad_h or pad_w):
         return x, padding
-    if mode == "reflect" and (pad_h >= height or pad_w >= width):
+    # Reflection mirrors pixels inside the frame: each side's padding must be shorter than the frame.
+    if mode == "reflect" and (max(padding.top, padding.bottom) >= height or max(padding.left, padding.right) >= width):
         raise ValueError(f"reflect padding of {height}x{width} to a multiple of {multiple} needs more pixels than "
                          f"the frame has")
     padded = torch.nn.functional.pad(x, (padding.left, padding.right, padding.top, padding.bottom), mode=mode)
@@ -296,6 +300,63 @@ class Chunk:
     stop: int
     out_start: int
     out_stop: int
+
+
+def _check_chunking(chunk: int, overlap: int, align: str | None, temporal_scale: int, pad_mode: str, *,
+                    several_chunks: bool) -> None:
+    """The argument checks shared by `ChunkPlan` and `stream_chunks`."""
+    if chunk < 1 or not 0 <= overlap < chunk:
+        raise ValueError(f"chunk must be positive and overlap in [0, chunk), got chunk {chunk} and overlap {overlap}")
+    if align is not None and valid_length(chunk, align) != chunk:
+        raise ValueError(f"chunk must have {align} frames for align={align!r}, got {chunk}")
+    if temporal_scale < 1:
+        raise ValueError(f"temporal_scale must be a positive int, got {temporal_scale}")
+    if temporal_scale > 1 and overlap < 1 and several_chunks:
+        raise ValueError("overlap must be at least 1 frame when temporal_scale > 1")
+    if pad_mode not in ("repeat", "reflect"):
+        raise ValueError(f"pad_mode must be 'repeat' or 'reflect', got {pad_mode!r}")
+
+
+def _run_chunk(fn: Callable[[Tensor], Tensor], frames: Tensor, align: str | None, temporal_scale: int,
+               pad_mode: str) -> Tensor:
+    """`fn` on one chunk `(L, ...)`, padded to a valid `align` length first and cropped back after."""
+    inputs = frames if align is None else pad_frames(frames, valid_length(len(frames), align), pad_mode)
+    y = fn(inputs)
+    expected = (len(inputs) - 1) * temporal_scale + 1
+    if y.shape[0] != expected:
+        raise ValueError(f"fn must map {len(inputs)} frames to {expected}, got {y.shape[0]}")
+    return y[: (len(frames) - 1) * temporal_scale + 1]
+
+
+class _OverlapBuffer:
+    """Output frames of consecutive chunks, blended while a later chunk can still overlap them."""
+
+    def __init__(self) -> None:
+        self.blend: _RunningMean | None = None
+        self.first = 0  # output index of blend.canvas[0]
+
+    def add(self, out_start: int, y: Tensor, weight: Tensor) -> None:
+        """Blend chunk outputs `y` `(L, ...)`, first output frame `out_start`, with per-frame `weight` `(L,)`."""
+        weight = weight.to(y.device, torch.float32).reshape(-1, *[1] * (y.ndim - 1))
+        if self.blend is None:
+            self.blend = _RunningMean(torch.zeros_like(y), torch.zeros_like(weight))
+            self.first = out_start
+        blend = self.blend
+        grow = out_start + len(y) - self.first - blend.canvas.shape[0]
+        if grow > 0:
+            blend.canvas = torch.cat([blend.canvas, y.new_zeros((grow, *y.shape[1:]))])
+            blend.weight_sum = torch.cat([blend.weight_sum, weight.new_zeros((grow, *weight.shape[1:]))])
+        offset = out_start - self.first
+        blend.add((slice(offset, offset + len(y)),), y, weight)
+
+    def release(self, stop: int) -> list[Tensor]:
+        """The finished output frames before output index `stop`, removed from the buffer."""
+        count = stop - self.first
+        frames = list(self.blend.canvas[:count].unbind(0))
+        self.blend.canvas = self.blend.canvas[count:]
+        self.blend.weight_sum = self.blend.weight_sum[count:]
+        self.first = stop
+        return frames
 
 
 class ChunkPlan:
@@ -330,18 +391,7 @@ class ChunkPlan:
     ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be positive, got {num_frames}")
-        if chunk < 1 or not 0 <= overlap < chunk:
-            raise ValueError(
-                f"chunk must be positive and overlap in [0, chunk), got chunk {chunk} and overlap {overlap}"
-            )
-        if align is not None and valid_length(chunk, align) != chunk:
-            raise ValueError(f"chunk must have {align} frames for align={align!r}, got {chunk}")
-        if temporal_scale < 1:
-            raise ValueError(f"temporal_scale must be a positive int, got {temporal_scale}")
-        if temporal_scale > 1 and overlap < 1 and num_frames > chunk:
-            raise ValueError("overlap must be at least 1 frame when temporal_scale > 1")
-        if pad_mode not in ("repeat", "reflect"):
-            raise ValueError(f"pad_mode must be 'repeat' or 'reflect', got {pad_mode!r}")
+        _check_chunking(chunk, overlap, align, temporal_scale, pad_mode, several_chunks=num_frames > chunk)
         self.num_frames, self.align, self.temporal_scale, self.pad_mode = num_frames, align, temporal_scale, pad_mode
         s = temporal_scale
         self.out_frames = (num_frames - 1) * s + 1
@@ -358,16 +408,6 @@ class ChunkPlan:
         """Cross-fade weight (float64, positive) over the output frames of chunk `index`."""
         return _blend_weights(self._outputs, index)
 
-    def _run(self, fn: Callable[[Tensor], Tensor], frames: Tensor, chunk: Chunk) -> Tensor:
-        inputs = frames
-        if self.align is not None:
-            inputs = pad_frames(frames, valid_length(len(frames), self.align), self.pad_mode)
-        y = fn(inputs)
-        expected = (len(inputs) - 1) * self.temporal_scale + 1
-        if y.shape[0] != expected:
-            raise ValueError(f"fn must map {len(inputs)} frames to {expected}, got {y.shape[0]}")
-        return y[: chunk.out_stop - chunk.out_start]
-
     def stream(self, fn: Callable[[Tensor], Tensor], frames: Iterable[Tensor]) -> Iterator[Tensor]:
         """Run `fn` chunk by chunk over frames arriving one at a time; yield finished output frames.
 
@@ -383,8 +423,7 @@ class ChunkPlan:
         source = iter(frames)
         inputs: list[Tensor] = []
         first_input = 0  # index of inputs[0] in the clip
-        pending: _RunningMean | None = None
-        first_output = 0  # index of pending.canvas[0] in the output
+        pending = _OverlapBuffer()
         for i, chunk in enumerate(self.chunks):
             while first_input + len(inputs) < chunk.stop:
                 frame = next(source, None)
@@ -393,23 +432,11 @@ class ChunkPlan:
                 inputs.append(frame)
             inputs = inputs[chunk.start - first_input :]
             first_input = chunk.start
-            y = self._run(fn, torch.stack(inputs[: chunk.stop - chunk.start]), chunk)
-            weight = self.weight(i).to(y.device, torch.float32).reshape(-1, *[1] * (y.ndim - 1))
-            # Extend the pending canvas to this chunk's end; frames before the next chunk are final.
-            if pending is None:
-                pending = _RunningMean(torch.zeros_like(y), torch.zeros_like(weight))
-                first_output = chunk.out_start
-            grow = chunk.out_stop - first_output - pending.canvas.shape[0]
-            if grow > 0:
-                pending.canvas = torch.cat([pending.canvas, y.new_zeros((grow, *y.shape[1:]))])
-                pending.weight_sum = torch.cat([pending.weight_sum, weight.new_zeros((grow, *weight.shape[1:]))])
-            offset = chunk.out_start - first_output
-            pending.add((slice(offset, offset + len(y)),), y, weight)
+            y = _run_chunk(fn, torch.stack(inputs[: chunk.stop - chunk.start]), self.align, self.temporal_scale,
+                           self.pad_mode)
+            pending.add(chunk.out_start, y, self.weight(i))
             done = self.chunks[i + 1].out_start if i + 1 < len(self.chunks) else chunk.out_stop
-            yield from pending.canvas[: done - first_output].unbind(0)
-            pending.canvas = pending.canvas[done - first_output :]
-            pending.weight_sum = pending.weight_sum[done - first_output :]
-            first_output = done
+            yield from pending.release(done)
         if next(source, None) is not None:
             raise ValueError(f"frames hold more than the plan's {self.num_frames} frames")
 
@@ -418,3 +445,79 @@ class ChunkPlan:
         if frames.shape[0] != self.num_frames:
             raise ValueError(f"frames must hold the plan's {self.num_frames} frames, got {frames.shape[0]}")
         return torch.stack(list(self.stream(fn, frames.unbind(0))))
+
+
+def stream_chunks(
+    fn: Callable[[Tensor], Tensor],
+    frames: Iterable[Tensor],
+    chunk: int,
+    overlap: int = 0,
+    *,
+    align: str | None = None,
+    temporal_scale: int = 1,
+    pad_mode: str = "repeat",
+) -> Iterator[Tensor]:
+    """`ChunkPlan(T, chunk, overlap, ...).stream(fn, frames)` for a clip whose length `T` is known only at its end.
+
+    A decoder or a camera yields frames without saying how many will come, while `ChunkPlan` places its
+    last chunk to end at the clip's end and cross-fades every chunk with its neighbours. Both are fixed
+    here as soon as they can be: before running a chunk, frames are read until the next chunk's start
+    is known (at most `chunk - overlap + 1` frames past the chunk's end), so the chunks, their outputs
+    and their weights are exactly `ChunkPlan`'s for the `T` frames that arrive. Holds at most
+    `2 * chunk - overlap + 1` input frames and the output frames still inside an overlap.
+
+    Args:
+        fn: maps a chunk `(L, ...)` to `((L - 1) * temporal_scale + 1, ...)`.
+        frames: the clip's frames, each `(...)`.
+        chunk: input frames per chunk.
+        overlap: input frames shared by neighbouring chunks, `< chunk`.
+        align: `"4n+1"` / `"8n+1"` or None, as for `ChunkPlan`.
+        temporal_scale: output frames per input frame interval.
+        pad_mode: how a chunk shorter than a valid `align` length is padded.
+
+    Yields:
+        Output frames `(...)` in order, `(T - 1) * temporal_scale + 1` of them.
+    """
+    _check_chunking(chunk, overlap, align, temporal_scale, pad_mode, several_chunks=True)
+    source = iter(frames)
+    held: list[Tensor] = []
+    first = 0  # clip index of held[0]
+    ended = False
+
+    def read_until(count: int) -> int | None:
+        """Hold frames up to clip index `count - 1`; the clip's length once it is known to be shorter."""
+        nonlocal ended
+        while not ended and first + len(held) < count:
+            frame = next(source, None)
+            if frame is None:
+                ended = True
+            else:
+                held.append(frame)
+        return first + len(held) if ended else None
+
+    s, stride = temporal_scale, chunk - overlap
+    pending = _OverlapBuffer()
+    previous_stop: int | None = None  # output stop of the previous chunk
+    start = 0  # a chunk starting at `start` is a regular one iff start + chunk < T
+    while True:
+        length = read_until(start + chunk + 1)
+        if length is not None and length <= start + chunk:
+            if length == 0:
+                return  # no frames, no output
+            start, stop, next_start = max(0, length - chunk), length, None  # the last chunk ends the clip
+        else:
+            stop = start + chunk
+            length = read_until(stop + stride + 1)
+            next_start = stop - overlap if length is None or length > stop + stride else length - chunk
+        y = _run_chunk(fn, torch.stack(held[start - first : stop - first]), align, s, pad_mode)
+        outputs = [(start * s, (stop - 1) * s + 1)]
+        if previous_stop is not None:
+            outputs.insert(0, (0, previous_stop))
+        if next_start is not None:
+            outputs.append((next_start * s, next_start * s + 1))
+        pending.add(start * s, y, _blend_weights(outputs, 0 if previous_stop is None else 1))
+        yield from pending.release((stop - 1) * s + 1 if next_start is None else next_start * s)
+        if next_start is None:
+            return
+        held = held[next_start - first :]
+        first, previous_stop, start = next_start, (stop - 1) * s + 1, next_start

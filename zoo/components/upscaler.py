@@ -160,7 +160,8 @@ class VideoUpscaler(nn.Module):
     untiled pipeline):
 
     - `scales`, `temporal_scales`: the factors the class runs at, known before weights load, so
-      that `--scale 3` is refused at once (a factor that is no option is the one `scale` holds);
+      that `--scale 3` is refused at once (a factor that is no option is the one `scale` holds;
+      an empty tuple: any factor `check_options` takes);
     - `memory`: a measured `MemoryModel`, which `estimate_memory` scales to a frame size;
     - `default_options(height, width, free_bytes)`: tiles (the base class) or chunks (override)
       that fit the free memory; `zoo upscale` applies and logs them where the user set none.
@@ -352,13 +353,16 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
 
 
-def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: str | None = None) -> None:
+def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: str | None = None,
+                assign: bool = False) -> None:
     """Load `state` (or the safetensors file it names) into `module`, every key and shape matching.
 
     Args:
         module: the module to fill.
         state: a state dict, or the path of a safetensors file.
         source: what to call the weights in errors (the file's path when `state` is one).
+        assign: take the tensors themselves instead of copying into the module's (`load_state_dict`'s
+            `assign`): a module built on the `meta` device gets its weights without a first allocation.
 
     Raises:
         ValueError: one sentence naming the source and the first missing, unexpected or
@@ -379,7 +383,7 @@ def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: s
             example = (missing or unexpected)[0]
         raise ValueError(f"{source or 'the weights'} do not fit {type(module).__name__}: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected and {len(mismatched)} mis-shaped weights, e.g. {example}")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def from_pretrained_strict(cls: type, folder: str | Path, subfolder: str, **kwargs: Any) -> Any:

@@ -324,11 +324,14 @@ def _check_complete(container: av.container.InputContainer, path: Path) -> None:
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
     """The first real video stream (cover art in audio files does not count)."""
-    for stream in container.streams.video:
-        if not stream.disposition & av.stream.Disposition.attached_pic:
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    for stream in streams:
+        # A stream whose codec FFmpeg does not know (a damaged header) has no codec context.
+        if stream.codec_context is not None and stream.codec_context.width and stream.codec_context.height:
             return stream
     container.close()
-    raise VideoReadError(f"cannot read video {path}: it has no video stream")
+    what = "no video stream" if not streams else "no video stream FFmpeg can decode (unknown codec or no frame size)"
+    raise VideoReadError(f"cannot read video {path}: it has {what}")
 
 
 def _probe_container(container: av.container.InputContainer, stream: av.VideoStream, path: Path) -> VideoInfo:

@@ -1,12 +1,19 @@
-"""OS-DiffVSR training stages, matching the paper's ablations.
+"""OS-DiffVSR training: the paper's single joint run, and the Table 3 ablations as alternatives.
 
-1. `afat`: the one-step generator without multi-frame fusion; LoRA on the VAE encoder and UNet
-   train with (focal) MSE + LPIPS + the adjacent-frame adversarial loss, the DINOv2 critic trains
-   alongside.
-2. `mff`: fusion switched on; its query/key projections train with the LoRA, and the warp loss
-   joins (Eq. 17 weights 1, 1, 2, 2).
+The paper trains in ONE run (P:74-76, Sec. 4.1): LoRA on the VAE encoder and the UNet, the
+multi-frame fusion module and the DINOv2-S discriminator in full, the VAE decoder frozen, with
+the whole Eq. (17). That is `OSDiffVSRStages()` (setting `"paper"`), and also what
+`OSDiffVSRModule` does with no stage callback at all.
 
-The VAE decoder, the base SD weights and RAFT stay frozen throughout.
+Table 3 (P:262-266) compares separate trainings, each a single run as well:
+
+- `"afat"`: Table 3 "Baseline" (= Table 2's last row, "AFAT (patch token) + FMSE"): no fusion, no
+  warp loss; MFF does not train.
+- `"mff"`: Table 3 "MFF": fusion on, no warp loss.
+- `"paper"`: Table 3 "MFF+Warp Loss", the paper's model (its UDM10 row equals Table 1's "Ours").
+
+RAFT, LPIPS, the base SD weights and, when the generator starts from OSEDiff, its frozen `osediff`
+adapter never train.
 """
 
 from __future__ import annotations
@@ -15,9 +22,23 @@ from dataclasses import dataclass
 
 from zoo.components.train.stages import Stage, StageSchedule
 
-GENERATOR_LORA = ["net.vae.*lora_*", "net.unet.*lora_*"]
-DISCRIMINATOR = ["discriminator.*"]
+# The trained adapter is `default`; the frozen `osediff` adapter (network.OSEDIFF_ADAPTER) stays out.
+GENERATOR_LORA = ["net.vae.*.lora_[AB].default.*", "net.unet.*.lora_[AB].default.*"]
 FUSION = ["net.fusion.*"]
+DISCRIMINATOR = ["discriminator.*"]
+# P:74-76: "the VAE encoder and UNet are fine-tuned with LoRA, while the multi-frame fusion module and
+# the discriminator (i.e., DINOv2) are trained under full-parameter tuning setting".
+PAPER_TRAINABLE = GENERATOR_LORA + FUSION + DISCRIMINATOR
+# Eq. (17), OS-DiffVSR: omega_1..omega_4 = 1, 1, 2, 2 for L_G, L_fmse, L_lpips, L_warp (P:184).
+PAPER_LOSS_WEIGHTS = {"adversarial": 1.0, "fmse": 1.0, "lpips": 2.0, "warp": 2.0}
+WITHOUT_WARP = {name: weight for name, weight in PAPER_LOSS_WEIGHTS.items() if name != "warp"}
+
+# setting -> (trainable patterns, Eq. (17) weights, fusion on)
+SETTINGS: dict[str, tuple[list[str], dict[str, float], bool]] = {
+    "paper": (PAPER_TRAINABLE, PAPER_LOSS_WEIGHTS, True),
+    "mff": (PAPER_TRAINABLE, WITHOUT_WARP, True),
+    "afat": (GENERATOR_LORA + DISCRIMINATOR, WITHOUT_WARP, False),
+}
 
 
 @dataclass
@@ -32,35 +53,21 @@ class OSDiffVSRStage(Stage):
 
 
 class OSDiffVSRStages(StageSchedule):
-    """The `afat` then `mff` stages.
-
-    Steps count optimizer steps (`trainer.global_step`): the generator and the discriminator each
-    step once per batch, so a stage of `n` steps covers `n / 2` batches.
+    """One stage that runs until training ends: the paper's joint training or a Table 3 ablation.
 
     Args:
-        afat_steps: length of the `afat` stage.
-        mff_steps: length of the `mff` stage; -1 runs it until training ends.
-        lr: generator learning rate (AdamW).
-        weight_decay: generator AdamW weight decay.
-        afat_loss_weights: loss weights of the `afat` stage (`mse`, `fmse`, `lpips`, `adversarial`).
-        mff_loss_weights: loss weights of the `mff` stage (those plus `warp`).
+        setting: `"paper"` (default), `"mff"` or `"afat"` (see the module docstring).
+        lr: generator learning rate (AdamW, 1e-5 in Sec. 4.1).
+        weight_decay: generator AdamW weight decay (1e-8 in Sec. 4.1).
+        loss_weights: Eq. (17)'s omega per loss; the setting's (the paper's 1, 1, 2, 2, without
+            `warp` in the ablations) when None.
     """
 
-    def __init__(
-        self,
-        afat_steps: int = 20000,
-        mff_steps: int = -1,
-        lr: float = 1e-5,
-        weight_decay: float = 1e-8,
-        afat_loss_weights: dict[str, float] | None = None,
-        mff_loss_weights: dict[str, float] | None = None,
-    ) -> None:
-        afat_weights = afat_loss_weights or {"fmse": 1.0, "lpips": 1.0, "adversarial": 2.0}
-        mff_weights = mff_loss_weights or {"fmse": 1.0, "lpips": 1.0, "adversarial": 2.0, "warp": 2.0}
-        optimizer_kwargs = {"weight_decay": weight_decay}
-        super().__init__([
-            OSDiffVSRStage("afat", afat_steps, GENERATOR_LORA + DISCRIMINATOR, afat_weights, lr, optimizer_kwargs,
-                           fuse=False),
-            OSDiffVSRStage("mff", mff_steps, GENERATOR_LORA + FUSION + DISCRIMINATOR, mff_weights, lr,
-                           optimizer_kwargs, fuse=True),
-        ])
+    def __init__(self, setting: str = "paper", lr: float = 1e-5, weight_decay: float = 1e-8,
+                 loss_weights: dict[str, float] | None = None) -> None:
+        if setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
+        trainable, setting_weights, fuse = SETTINGS[setting]
+        weights = dict(setting_weights if loss_weights is None else loss_weights)
+        super().__init__([OSDiffVSRStage(setting, -1, list(trainable), weights, lr, {"weight_decay": weight_decay},
+                                         fuse=fuse)])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.components.flow import FlowEstimator, warp, warp_error_map
+from zoo.components.flow import FlowEstimator, warp
 from zoo.components.lora import inject_lora, lora_config
 from zoo.components.prompts import encode_prompt
 
@@ -31,6 +31,8 @@ SD21_BASE_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start"
                                        "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
 # OSEDiff builds its LoraConfig without lora_alpha, so peft's default applies.
 OSEDIFF_LORA_ALPHA = 8.0
+# Name of the frozen adapter that holds OSEDiff's released LoRA (`load_osediff_lora`).
+OSEDIFF_ADAPTER = "osediff"
 
 # Published diffusers configs of stabilityai/stable-diffusion-2-1-base (unet/, vae/ config.json).
 SD21_BASE_UNET: dict[str, Any] = {
@@ -109,12 +111,16 @@ class OSDiffVSRConfig:
         scale: the upscaling factor; LR frames are bicubic-upsampled by it before the VAE.
         scaling_factor: VAE latent scale (0.18215 for SD-2.x).
         timestep: the fixed timestep T of the one denoising step.
-        lora_rank: LoRA rank on the VAE encoder and the UNet.
+        lora_rank: LoRA rank on the VAE encoder and the UNet (32, Sec. 4.1).
+        lora_alpha: LoRA alpha of those adapters; their update is scaled by `lora_alpha / lora_rank`.
+        osediff_rank: rank of OSEDiff's released LoRA when the generator starts from it (4); it is
+            then kept as a second, frozen adapter (`load_osediff_lora`). None: no such adapter.
         prompt_length: tokens in the prompt embedding (77 for CLIP).
-        fusion_dim: width of the MFF query/key projections (all heads together).
-        fusion_heads: MFF attention heads.
-        fusion_alpha: alpha of the warping-error map `exp(-alpha |I - W(I')|)` (images in [0, 1]).
-        fusion_threshold: mu, the warping-error map value above which a pixel is fused (Eq. 14).
+        fusion_dim: width of the MFF query/key projections W^Q, W^K (all heads together).
+        fusion_heads: N_h, the MFF attention heads.
+        fusion_alpha: alpha of Eqs. (14) and (16), on images in [0, 1] with the L1 norm summed
+            over RGB.
+        fusion_threshold: mu of Eq. (14).
         flow_model: torchvision RAFT variant, `"large"` or `"small"`.
         flow_pretrained: load torchvision's published RAFT weights (not stored in exported folders).
         flow_updates: RAFT's recurrent refinement iterations.
@@ -129,11 +135,24 @@ class OSDiffVSRConfig:
     scaling_factor: float = 0.18215
     timestep: int = 999
     lora_rank: int = 32
+    # The paper gives no LoRA alpha. It builds on OSEDiff (P:70), whose LoraConfig leaves lora_alpha
+    # at peft's default 8, so the rank-32 update is scaled by 8 / 32.
+    lora_alpha: float = OSEDIFF_LORA_ALPHA
+    osediff_rank: int | None = None
     prompt_length: int = 77
+    # N_h and d_k are not given (P:146-154): 4 heads of d_k = 16.
     fusion_dim: int = 64
     fusion_heads: int = 4
-    fusion_alpha: float = 50.0
-    fusion_threshold: float = 0.4
+    # alpha is not given either (P:166, "a scaling factor"). Measured on the built-in sample clips
+    # (224 x 224 HR, Real-ESRGAN x4 LR, exact camera flow, aligned pixels only): Eq. (14) with mu = 0.4
+    # fuses 95% of the aligned LR pixels at alpha = 2, 54% at 5, 14% at 10 and 0.4% at 50 (Lai et
+    # al.'s value, which belongs to a squared error). Table 4's DOVER keeps rising from mu = 0.8 to
+    # 0.4 and levels off below, as the fused share does at alpha = 5 (2%, 19%, 54%, 85% at mu = 0.8,
+    # 0.6, 0.4, 0.2); 5 is the stricter end of the range that behaves so, since real RAFT flow adds
+    # errors that exact flow lacks. Eq. (16) takes the same alpha (P:178): the HR warp-loss mask
+    # then has median 0.988 where the ground-truth warp is exact.
+    fusion_alpha: float = 5.0
+    fusion_threshold: float = 0.4  # mu, Sec. 4.1 (P:223)
     flow_model: str = "large"
     flow_pretrained: bool = False
     flow_updates: int = 12
@@ -204,41 +223,64 @@ def one_step_denoise(z: Tensor, eps: Tensor, alpha_t: float, beta_t: float) -> T
 
 # Multi-frame fusion, Eqs. (8)-(14) -----------------------------------------------------------
 
-def fusion_mask(frame: Tensor, warped: Tensor, alpha: float, threshold: float) -> Tensor:
-    """Eq. (14): hard mask `M = 1[min_j exp(-alpha * mean_c |I_i - W(I_j)|) > mu]`, `(N, 1, H, W)`.
+def warping_error(frame: Tensor, warped: Tensor) -> Tensor:
+    """`||I - W||_1` at each pixel: the L1 norm over the RGB channels, `(N, 1, H, W)` in float32.
 
-    A pixel is fused only where every warped neighbour `W(I_j)` matches the current frame well
-    enough: its warping-error map (`zoo.components.flow.warp_error_map`, channel-averaged error)
-    exceeds `mu` for all `j`.
+    The norm of Eqs. (14) and (16) is a sum over channels (a channel mean would scale alpha by 3).
 
     Args:
-        frame: the current frame `I_i` `(N, 3, H, W)` in [0, 1].
-        warped: the K neighbours warped onto it, `(K, N, 3, H, W)`.
-        alpha: sharpness of the error map.
-        threshold: mu.
+        frame: `I` `(N, 3, H, W)` in [0, 1].
+        warped: a frame warped onto it, `(N, 3, H, W)`.
     """
-    reliability = torch.stack([warp_error_map(frame, w, alpha) for w in warped]).amin(dim=0)
-    return (reliability > threshold).to(frame.dtype)  # Eq. (14), OS-DiffVSR
+    return (frame.float() - warped.float()).abs().sum(dim=1, keepdim=True)
+
+
+def fusion_mask(frame: Tensor, warped_prev: Tensor, warped_next: Tensor, alpha: float, threshold: float) -> Tensor:
+    """Eq. (14): `M^f = 1[exp(-alpha (||I^w_{i-1} - I^L_i||_1 + ||I^w_{i+1} - I^L_i||_1)) > mu]`.
+
+    The SUM of the two warping errors is thresholded: a pixel is fused where the two neighbours
+    together match the current frame, not where each does on its own.
+
+    Args:
+        frame: the current LR frame `I^L_i` `(N, 3, H, W)` in [0, 1].
+        warped_prev: `I^w_{i-1}`, the previous frame warped onto it (Eq. 8).
+        warped_next: `I^w_{i+1}`.
+        alpha: the scaling factor alpha > 0.
+        threshold: the fusion threshold mu.
+
+    Returns:
+        `(N, 1, H, W)` of 0 and 1, in the dtype of `frame`.
+    """
+    error = warping_error(frame, warped_prev) + warping_error(frame, warped_next)
+    return (torch.exp(-alpha * error) > threshold).to(frame.dtype)  # Eq. (14), OS-DiffVSR
 
 
 def downsample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """The mask at latent size `M_down`: a latent position fuses only if all its pixels do (min-pool)."""
+    """`M^f ↓_{xn}` of Eq. (12): the mask at latent size, where a latent position fuses only if all
+    the pixels it covers do (min-pool).
+
+    The paper names only "n times downsampling" (P:158). With x4 upsampling and a VAE factor of 8,
+    one latent position covers n x n = 2 x 2 LR pixels; the min-pool keeps fusion to aligned
+    regions (P:166) rather than averaging an unaligned pixel into a partial weight.
+    """
     return -F.adaptive_max_pool2d(-mask, size)
 
 
 class MultiFrameFusion(nn.Module):
-    """Eqs. (10)-(13): attention over the current and two warped-neighbour latents at each position.
+    """Eqs. (10)-(13): attention among the warped-previous, current and warped-next latents.
 
-    For every latent position, the query is projected from the current latent `Z_L`, the keys from
-    the three latents `Z_j` (`j` = warped previous, current, warped next); per head `h` the weights
-    are `A^h_j = softmax_j(<W_Q^h Z_L, W_K^h Z_j> / sqrt(d))`. Values are the latents themselves, so
-    each head's output `Z_tilde^h = sum_j A^h_j Z_j` stays in the VAE latent space, and the fused
-    latent is their mean over heads, `mean_h Z_tilde^h = sum_j (mean_h A^h_j) Z_j`.
+    At each latent position the three latents `Z = [Z^w_{i-1}, Z^L_i, Z^w_{i+1}]` are three tokens.
+    Head `m` projects every token to a query and a key (Eq. 11, `Q_m = W^Q_m Z`, `K_m = W^K_m Z`)
+    and forms the 3 x 3 weights `A_m = softmax(Q_m K_m^T / sqrt(d_k))` (Eq. 10, softmax over the
+    keys). The heads' weights are averaged, `Abar = sum_m A_m / N_h`, and multiply the latents
+    themselves (Eq. 13, `Z~ = Abar Z`, no value projection: the fused latent stays in the VAE
+    latent space, P:166). Eq. (12) averages the three attended latents,
+    `(Z~_{i-1} + Z~_i + Z~_{i+1}) / 3`, and blends it with `Z^L_i` by the mask.
 
     Args:
         channels: latent channels (4 for SD).
-        dim: width of the query/key projections (all heads).
-        heads: attention heads; `dim` must divide by it.
+        dim: width of the query/key projections (all heads); `d_k = dim / heads`.
+        heads: `N_h`; `dim` must divide by it.
     """
 
     def __init__(self, channels: int, dim: int, heads: int) -> None:
@@ -246,27 +288,31 @@ class MultiFrameFusion(nn.Module):
         if dim % heads:
             raise ValueError(f"fusion dim {dim} must divide by fusion heads {heads}")
         self.heads = heads
-        self.to_q = nn.Conv2d(channels, dim, 1)
-        self.to_k = nn.Conv2d(channels, dim, 1)
+        # W^Q_m, W^K_m: linear maps of each latent vector (1x1 convolutions), without bias as Eq. (11) writes them.
+        self.to_q = nn.Conv2d(channels, dim, 1, bias=False)
+        self.to_k = nn.Conv2d(channels, dim, 1, bias=False)
 
-    def weights(self, current: Tensor, latents: Tensor) -> Tensor:
-        """Head-averaged attention weights `(N, K, h, w)` over `latents` `(N, K, C, h, w)`; sum 1 over K."""
+    def attention(self, latents: Tensor) -> Tensor:
+        """`Abar` `(N, 3, 3, h, w)` of latents `(N, 3, C, h, w)`: row r (query) sums to 1 over s (key)."""
         n, k = latents.shape[:2]
-        q = self.to_q(current).unflatten(1, (self.heads, -1))  # Eq. (10), OS-DiffVSR
-        keys = self.to_k(latents.flatten(0, 1)).unflatten(0, (n, k)).unflatten(2, (self.heads, -1))  # Eq. (11)
-        logits = torch.einsum("nhdyx,nkhdyx->nhkyx", q, keys) / math.sqrt(q.shape[2])
-        return logits.softmax(dim=2).mean(dim=1)  # Eq. (13), OS-DiffVSR: heads averaged
+        flat = latents.flatten(0, 1)
+        q = self.to_q(flat).unflatten(0, (n, k)).unflatten(2, (self.heads, -1))  # Eq. (11), OS-DiffVSR
+        keys = self.to_k(flat).unflatten(0, (n, k)).unflatten(2, (self.heads, -1))  # Eq. (11), OS-DiffVSR
+        logits = torch.einsum("nrmdyx,nsmdyx->nmrsyx", q, keys) / math.sqrt(q.shape[3])
+        # Eq. (10), OS-DiffVSR; the 3-way softmax in float32 also under bf16.
+        weights = logits.float().softmax(dim=3)
+        return weights.mean(dim=1).to(latents.dtype)  # Eq. (13), OS-DiffVSR: sum_m A_m / N_h
 
-    def forward(self, current: Tensor, latents: Tensor, mask: Tensor) -> Tensor:
-        """Eq. (12): `Z_f = mean_h(Z_tilde^h) * M_down + (1 - M_down) * Z_L`.
+    def forward(self, latents: Tensor, mask: Tensor) -> Tensor:
+        """Eq. (12): `Z^f = mean_r(Z~_r) * M + (1 - M) * Z^L_i`.
 
         Args:
-            current: `Z_L` `(N, C, h, w)`, the current frame's latent.
-            latents: `(N, K, C, h, w)`, the K latents attended over (warped neighbours and `Z_L`).
-            mask: `M_down` `(N, 1, h, w)` in [0, 1].
+            latents: `[Z^w_{i-1}, Z^L_i, Z^w_{i+1}]` stacked, `(N, 3, C, h, w)`.
+            mask: `M^f ↓_{xn}` `(N, 1, h, w)` in [0, 1].
         """
-        attended = torch.einsum("nkyx,nkcyx->ncyx", self.weights(current, latents), latents)
-        return attended * mask + (1 - mask) * current  # Eq. (12), OS-DiffVSR
+        attended = torch.einsum("nrsyx,nscyx->nrcyx", self.attention(latents), latents)  # Eq. (13), OS-DiffVSR
+        current = latents[:, 1]
+        return attended.mean(dim=1) * mask + (1 - mask) * current  # Eq. (12), OS-DiffVSR
 
 
 # Generator ----------------------------------------------------------------------------------
@@ -275,9 +321,10 @@ class OSDiffVSRNet(nn.Module):
     """The OS-DiffVSR generator: one frame `I_hat_i` from the LR window `(I_{i-1}, I_i, I_{i+1})`.
 
     Attributes `vae` and `unet` are the diffusers SD-2.1 models with LoRA adapters (VAE encoder and
-    UNet); the VAE decoder stays frozen. `fusion` is the MFF attention, `flow` the frozen RAFT,
-    `prompt_embeds` the prompt condition `c` (the empty prompt's CLIP embedding once `load_base`
-    ran; zeros in a randomly initialised net).
+    UNet, adapter `default`; plus the frozen adapter `osediff` when `config.osediff_rank` is set);
+    the VAE decoder stays frozen. `fusion` is the MFF attention, `flow` the frozen RAFT,
+    `prompt_embeds` the default prompt condition `c` (the empty prompt's CLIP embedding once
+    `load_base` ran; zeros in a randomly initialised net).
 
     Args:
         config: sizes and constants.
@@ -292,8 +339,13 @@ class OSDiffVSRNet(nn.Module):
         self.unet = UNet2DConditionModel(**config.unet)
         self.vae.requires_grad_(False)
         self.unet.requires_grad_(False)
-        inject_lora(self.vae, lora_config("sd_vae_encoder", config.lora_rank), "default")
-        inject_lora(self.unet, lora_config("sd_unet", config.lora_rank), "default")
+        for model, backbone in ((self.vae, "sd_vae_encoder"), (self.unet, "sd_unet")):
+            inject_lora(model, lora_config(backbone, config.lora_rank, config.lora_alpha), "default")
+            if config.osediff_rank is not None:
+                inject_lora(model, lora_config(backbone, config.osediff_rank, OSEDIFF_LORA_ALPHA), OSEDIFF_ADAPTER)
+        for name, parameter in self.named_parameters():
+            if f".{OSEDIFF_ADAPTER}." in name:
+                parameter.requires_grad_(False)
         latent_channels = config.vae.get("latent_channels", 4)
         self.fusion = MultiFrameFusion(latent_channels, config.fusion_dim, config.fusion_heads)
         self.flow = FlowEstimator(config.flow_model, pretrained=config.flow_pretrained,
@@ -316,34 +368,42 @@ class OSDiffVSRNet(nn.Module):
 
     def encode(self, frames: Tensor) -> Tensor:
         """VAE latents `Z` of LR frames `(N, 3, h, w)` in [0, 1], bicubic-upsampled by `config.scale` first."""
+        # Bicubic (the paper is silent; OSEDiff upsamples bicubically at test time, with a random mode in training).
         up = F.interpolate(frames, scale_factor=self.config.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        # The posterior mean keeps inference deterministic (OSEDiff samples; its std is ~1e-3 here).
+        # The posterior mean keeps inference deterministic (the paper is silent; OSEDiff samples the posterior).
         return self.vae.encode(up * 2 - 1).latent_dist.mode() * self.config.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         """HR frames `(N, 3, f*h, f*w)` in [0, 1] from latents (`f` the VAE factor), through the frozen decoder."""
         return (self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2
 
-    def fuse(self, prev: Tensor, current: Tensor, next_: Tensor, current_latent: Tensor) -> Tensor:
-        """Eqs. (8)-(14): the fused latent `Z_f` of frame i from its LR neighbours.
+    def align(self, prev: Tensor, current: Tensor, next_: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. (8): the neighbours warped onto the current frame, `(I^w_{i-1}, I^w_{i+1})`.
 
-        Args:
-            prev: `I_{i-1}` `(N, 3, h, w)` in [0, 1].
-            current: `I_i`.
-            next_: `I_{i+1}`.
-            current_latent: `Z_L = E(I_i)`.
+        RAFT gives the flow from `I_i` to each neighbour, and backward warping samples the
+        neighbour at `p + flow(p)`, so each warped neighbour lines up with `I_i` (P:138).
         """
         neighbours = torch.cat([prev, next_])
         flow = self.flow(torch.cat([current, current]), neighbours)
-        warped = warp(neighbours, flow)  # Eq. (8), OS-DiffVSR: neighbours aligned onto frame i
-        warped_latents = self.encode(warped)  # Eq. (9), OS-DiffVSR
-        z_prev, z_next = warped_latents.chunk(2)
+        return warp(neighbours, flow).chunk(2)  # Eq. (8), OS-DiffVSR
+
+    def fuse(self, prev: Tensor, current: Tensor, next_: Tensor, current_latent: Tensor) -> Tensor:
+        """Eqs. (8)-(14): the fused latent `Z^f_i` of frame i from its LR neighbours.
+
+        Args:
+            prev: `I^L_{i-1}` `(N, 3, h, w)` in [0, 1].
+            current: `I^L_i`.
+            next_: `I^L_{i+1}`.
+            current_latent: `Z^L_i = E_vae(I^L_i)`.
+        """
+        warped_prev, warped_next = self.align(prev, current, next_)
+        z_prev, z_next = self.encode(torch.cat([warped_prev, warped_next])).chunk(2)  # Eq. (9), OS-DiffVSR
         latents = torch.stack([z_prev, current_latent, z_next], dim=1)
-        mask = fusion_mask(current, warped.unflatten(0, (2, -1)), self.config.fusion_alpha,
-                           self.config.fusion_threshold)
+        mask = fusion_mask(current, warped_prev, warped_next, self.config.fusion_alpha, self.config.fusion_threshold)
+        # To latent size: nearest x`scale` to the upsampled frame, then the min-pool of `downsample_mask`.
         mask = downsample_mask(F.interpolate(mask, scale_factor=self.config.scale, mode="nearest"),
                                current_latent.shape[-2:])
-        return self.fusion(current_latent, latents, mask)
+        return self.fusion(latents, mask)
 
     def denoise(self, latents: Tensor, prompt_embeds: Tensor | None = None) -> Tensor:
         """Eq. (2): the clean latent `Z_hat` from ONE UNet step at timestep T.
@@ -368,8 +428,9 @@ class OSDiffVSRNet(nn.Module):
             prev: `I_{i-1}` `(N, 3, h, w)` in [0, 1] (the current frame's other neighbour at the ends).
             current: `I_i`.
             next_: `I_{i+1}`.
-            fuse: apply multi-frame fusion (off in the `afat` training stage).
-            prompt_embeds: `c`, `(1 or N, L, D)`; the stored `prompt_embeds` when None.
+            fuse: apply multi-frame fusion (off only in the Table 3 "Baseline" ablation).
+            prompt_embeds: `c`, `(1 or N, L, D)`, the text condition of each frame (P:90); the
+                stored `prompt_embeds` when None.
         """
         height, width = current.shape[-2:]
         if height % self.size_multiple or width % self.size_multiple:
@@ -405,31 +466,37 @@ class OSDiffVSRNet(nn.Module):
 
 
 def load_osediff_lora(net: OSDiffVSRNet, path: str | Path) -> None:
-    """Initialise `net`'s LoRA (and UNet `conv_in`) from OSEDiff's published checkpoint (`osediff.pkl`).
+    """Start the generator from OSEDiff's published checkpoint (`osediff.pkl`), as the paper does.
+
+    The paper fine-tunes OSEDiff (P:282, P:284-286) with rank-32 adapters (Sec. 4.1), while OSEDiff
+    released rank 4. Its LoRA fills the frozen `osediff` adapter (rank `net.config.osediff_rank`,
+    OSEDiff's alpha 8, so its update is exactly OSEDiff's) and its fully trained UNet `conv_in`
+    replaces the base one; the rank-32 `default` adapters stay fresh (B = 0) and are what trains.
+    A frozen adapter computes what merging it into the base weights would, but keeps those weights
+    SD-2.1's own, so an exported folder still loads them from SD-2.1 and carries only the adapters.
 
     OSEDiff saves `torch.save({"rank_unet", "rank_vae", "unet_lora_{encoder,decoder,others}_modules",
     "vae_lora_encoder_modules", "state_dict_unet", "state_dict_vae"})` with parameter names of peft
     adapters `default_encoder` / `default_decoder` / `default_others` (UNet) and `default_encoder`
-    (VAE); it is read with `weights_only=True`. Its LoRA used peft's default alpha 8, ours alpha = r,
-    so `lora_B` is rescaled by `8 / r` to give the same update.
+    (VAE); it is read with `weights_only=True`.
 
     Args:
-        net: a generator whose `config.lora_rank` equals OSEDiff's rank (4 in its release).
+        net: a generator built with `config.osediff_rank` equal to OSEDiff's rank.
         path: the checkpoint file.
     """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     for part in ("unet", "vae"):
         rank = int(ckpt[f"rank_{part}"])
-        if rank != net.config.lora_rank:
-            raise ValueError(f"{path} has {part} LoRA rank {rank}; build the model with lora_rank={rank}")
+        if rank != net.config.osediff_rank:
+            raise ValueError(f"{path} has {part} LoRA rank {rank}; build the model with osediff_rank={rank}")
         own = getattr(net, part).state_dict()
         mapped = {}
         for name, tensor in ckpt[f"state_dict_{part}"].items():
-            key = re.sub(r"\.(lora_[AB])\.default_(?:encoder|decoder|others)\.", r".\1.default.", name)
+            key = re.sub(r"\.(lora_[AB])\.default_(?:encoder|decoder|others)\.", rf".\1.{OSEDIFF_ADAPTER}.", name)
             if key not in own:
                 raise ValueError(f"{path}: {part} weight {name} has no counterpart in this model")
-            mapped[key] = tensor * (OSEDIFF_LORA_ALPHA / rank) if ".lora_B." in key else tensor
-        lora_keys = {key for key in own if "lora_" in key}
+            mapped[key] = tensor
+        lora_keys = {key for key in own if f".{OSEDIFF_ADAPTER}." in key}
         missing = sorted(lora_keys - set(mapped))
         if missing:
             raise ValueError(f"{path} lacks {len(missing)} {part} LoRA weights of this model, e.g. {missing[0]}")

@@ -3,12 +3,21 @@
 Frame `i` is generated from `(I_{i-1}, I_i, I_{i+1})`, so `stream()` holds at most three LR
 frames and emits frame `i` once frame `i + 1` has arrived (one frame of look-ahead). At the ends
 the missing neighbour is replaced by the only one there is: the first frame uses `(I_1, I_0, I_1)`,
-the last `(I_{T-2}, I_{T-1}, I_{T-2})`, a single frame `(I_0, I_0, I_0)`.
+the last `(I_{T-2}, I_{T-1}, I_{T-2})`, a single frame `(I_0, I_0, I_0)` (the paper does not say
+how the ends are handled; a mirrored neighbour keeps the window the network was trained on).
+
+The text condition `c` of Eq. (2) is "text descriptions corresponding to each frame" (P:90). It
+travels as CLIP embeddings, so inference loads no text encoder: by default the stored embedding
+(the empty prompt's), else one `(1, L, D)` embedding for the whole video or one `(L, D)` per frame
+(`network.encode_prompt` makes them from text with SD-2.1's text encoder). Frame `i` is always
+generated with its own `c_i`, never a neighbour's.
 
 Weights folder (`save_pretrained` / `from_pretrained`):
 
 - `config.json`: `{"hub_name": "osdiffvsr", "config": OSDiffVSRConfig}`;
-- `adapters.safetensors`: the LoRA weights of the VAE encoder and UNet, and the UNet's `conv_in`;
+- `adapters.safetensors`: the LoRA weights of the VAE encoder and UNet (the trained `default`
+  adapters and, when the model started from OSEDiff, its frozen `osediff` ones), and the UNet's
+  `conv_in`;
 - `mff.safetensors`: the multi-frame-fusion query/key projections;
 - `prompt_embeds.safetensors`: the prompt condition `c` (`prompt_embeds`, `(1, L, D)`);
 - `base.safetensors`: the remaining weights (SD UNet/VAE, RAFT), only for those that have no
@@ -21,6 +30,7 @@ Weights folder (`save_pretrained` / `from_pretrained`):
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,8 +40,18 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from zoo.components.tiling import TilePlan, pad_to_multiple
-from zoo.components.upscaler import MemoryModel, VideoUpscaler, check_frame, cpu_state, read_safetensors
+from zoo.components.upscaler import (
+    MemoryModel,
+    VideoUpscaler,
+    check_frame,
+    check_frames,
+    cpu_state,
+    read_safetensors,
+)
 from zoo.osdiffvsr.network import OSDiffVSRConfig, OSDiffVSRNet
+
+# Marks the end of a per-frame prompt iterator (None is a valid item of `itertools.repeat(None)`).
+_EXHAUSTED = object()
 
 FILES = {
     "adapters": "adapters.safetensors",
@@ -51,6 +71,8 @@ MEMORY = MemoryModel(frame=104e3, tile=0.0, measured="CPU peak RSS, full network
 
 def weight_group(net: OSDiffVSRNet, key: str) -> str:
     """Which file of a weights folder holds the state-dict entry `key` of `net`."""
+    # The UNet's conv_in travels with the adapters: starting from OSEDiff replaces it by OSEDiff's
+    # fully trained one (`network.load_osediff_lora`), which SD-2.1's published weights do not hold.
     if "lora_" in key or key.startswith("unet.conv_in."):
         return "adapters"
     if key.startswith("fusion."):
@@ -106,11 +128,19 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         """Latent pixels per LR pixel (1/2 for x4 with a VAE factor of 8)."""
         return self.scale / self.net.vae_factor
 
-    def upscale_window(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True) -> Tensor:
+    def upscale_window(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
+                       prompt_embeds: Tensor | None = None) -> Tensor:
         """HR frame `(N, 3, sH, sW)` of `current` `(N, 3, H, W)` given its neighbours; any H, W.
 
         Frames are padded (edge replication) to the network's size multiple and the output is
         cropped back; with `tile` the UNet step runs on blended latent tiles; `color_fix` applies last.
+
+        Args:
+            prev: `I_{i-1}` `(N, 3, H, W)` in [0, 1].
+            current: `I_i`.
+            next_: `I_{i+1}`.
+            fuse: apply multi-frame fusion.
+            prompt_embeds: `c_i`, `(1 or N, L, D)`; the stored embedding when None.
         """
         net, lr = self.net, current
         window, padding = pad_to_multiple(torch.cat([prev, current, next_]).to(self.device, self.dtype),
@@ -119,27 +149,77 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         z = net.encode(current)
         if fuse:
             z = net.fuse(prev, current, next_, z)
+        c = None if prompt_embeds is None else prompt_embeds.to(self.device)
         if self.tile is None:
-            z_hat = net.denoise(z)
+            z_hat = net.denoise(z, c)
         else:
             size = max(1, round(self.tile * self.latent_per_lr))
             overlap = min(round(self.tile_overlap * self.latent_per_lr), size - 1)
-            z_hat = TilePlan(*z.shape[-2:], size, overlap).apply(net.denoise, z)
+            z_hat = TilePlan(*z.shape[-2:], size, overlap).apply(lambda tile: net.denoise(tile, c), z)
         return self.fix_colors(padding.crop(net.decode(z_hat), self.scale), lr.to(self.device))
 
+    def check_prompt_embeds(self, prompt_embeds: Tensor, name: str = "prompt_embeds") -> Tensor:
+        """`prompt_embeds` if it is `(K, L, D)` with the stored embedding's L and D, else a ValueError."""
+        _, length, width = self.net.prompt_embeds.shape
+        if not isinstance(prompt_embeds, Tensor) or prompt_embeds.ndim != 3 or tuple(prompt_embeds.shape[1:]) != (
+                length, width):
+            got = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, Tensor) else type(prompt_embeds).__name__
+            raise ValueError(f"{name} must be (1 or T, {length}, {width}) CLIP embeddings, got {got}")
+        return prompt_embeds
+
     @torch.no_grad()
-    def stream(self, frames: Iterable[Tensor]) -> Iterator[Tensor]:
-        """Upscale frames `(3, H, W)` in [0, 1] one at a time; holds at most three LR frames."""
-        prev = current = None
+    def forward(self, frames: Tensor, prompt_embeds: Tensor | None = None) -> Tensor:
+        """Upscale a clip `(T, 3, H, W)` in [0, 1] to `(T, 3, 4H, 4W)`.
+
+        Args:
+            frames: the LR clip.
+            prompt_embeds: None (the stored embedding), `(1, L, D)` for every frame, or `(T, L, D)`,
+                row t the condition of frame t.
+        """
+        check_frames(frames)
+        if prompt_embeds is not None and self.check_prompt_embeds(prompt_embeds).shape[0] != 1:
+            if prompt_embeds.shape[0] != frames.shape[0]:
+                raise ValueError(f"prompt_embeds must hold 1 or T = {frames.shape[0]} embeddings, got "
+                                 f"{prompt_embeds.shape[0]}")
+            return torch.stack(list(self.stream(frames.unbind(0), prompt_embeds.unbind(0))))
+        return torch.stack(list(self.stream(frames.unbind(0), prompt_embeds)))
+
+    @torch.no_grad()
+    def stream(self, frames: Iterable[Tensor],
+               prompt_embeds: Tensor | Iterable[Tensor] | None = None) -> Iterator[Tensor]:
+        """Upscale frames `(3, H, W)` in [0, 1] one at a time; holds at most three LR frames.
+
+        Yields `(3, 4H, 4W)` frames on the model's device.
+
+        Args:
+            frames: the LR frames.
+            prompt_embeds: None (the stored embedding), one `(1, L, D)` tensor for every frame, or an
+                iterable of `(L, D)` tensors read in step with `frames`, one per frame.
+        """
+        if prompt_embeds is None or isinstance(prompt_embeds, Tensor):
+            if prompt_embeds is not None:
+                self.check_prompt_embeds(prompt_embeds)
+                if prompt_embeds.shape[0] != 1:
+                    raise ValueError(f"a prompt_embeds tensor given to stream() must be (1, L, D), got "
+                                     f"{tuple(prompt_embeds.shape)}; pass an iterable for one per frame")
+            conditions = itertools.repeat(prompt_embeds)
+        else:
+            conditions = (self.check_prompt_embeds(c[None], "each per-frame prompt embedding")
+                          for c in prompt_embeds)
+        prev = current = c_current = None
         for incoming in frames:
             check_frame(incoming)
+            c_incoming = next(conditions, _EXHAUSTED)
+            if c_incoming is _EXHAUSTED:
+                raise ValueError("prompt_embeds ran out before the frames: give one embedding per frame")
             if current is not None:
                 before = incoming if prev is None else prev
-                yield self.upscale_window(before[None], current[None], incoming[None])[0].float().cpu()
-            prev, current = current, incoming
+                yield self.upscale_window(before[None], current[None], incoming[None],
+                                          prompt_embeds=c_current)[0].float()
+            prev, current, c_current = current, incoming, c_incoming
         if current is not None:
             other = current if prev is None else prev
-            yield self.upscale_window(other[None], current[None], other[None])[0].float().cpu()
+            yield self.upscale_window(other[None], current[None], other[None], prompt_embeds=c_current)[0].float()
 
     def set_prompt_embeds(self, prompt_embeds: Tensor) -> None:
         """Replace the prompt condition `c` by `(1, L, D)` embeddings (see `network.encode_prompt`)."""

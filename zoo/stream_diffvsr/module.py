@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 
-from zoo.components.flow import FlowEstimator, resize_flow, warp
+from zoo.components.flow import warp
 from zoo.components.prompts import encode_prompt
 from zoo.components.train.losses import PerceptualLoss
 from zoo.components.train.module import ZooModule
 from zoo.components.upscaler import check_variant
-from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet
-from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler
+from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet, stream_warp
+from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler, flow_estimator, flow_to_previous
 
 # The losses each stage computes; a stage's `loss_weights` may name only these.
 STAGE_LOSSES = {"distill": ("teacher", "gt"), "tpm": ("rec", "lpips", "temporal"), "artg": ("latent",)}
@@ -106,8 +106,7 @@ class StreamDiffVSRModule(ZooModule):
                                          flow_pretrained=config.flow_pretrained, flow_updates=config.flow_updates)
         self.config = config
         self.net = StreamDiffVSRNet(config)
-        self.flow = FlowEstimator(config.flow_variant, pretrained=config.flow_pretrained,
-                                  num_flow_updates=config.flow_updates)
+        self.flow = flow_estimator(config, pretrained=config.flow_pretrained)
         # The teacher is the x4 upscaler's UNet, with its noise-level class embedding, sampled on a
         # finer DDIM grid of the same schedule.
         teacher_config = {**config.unet, "num_class_embeds": 1000}
@@ -146,13 +145,13 @@ class StreamDiffVSRModule(ZooModule):
 
     # Shared pieces -----------------------------------------------------------------------
 
-    def warp_onto(self, image: Tensor, lr: Tensor, prev_lr: Tensor) -> Tensor:
-        """Warp `image` (HR, at frame t-1) onto frame t with RAFT flow on LR, as at inference."""
-        flow = resize_flow(self.flow(lr, prev_lr), image.shape[-2:])
-        return warp(image, flow.to(image.dtype), padding_mode="zeros")
+    def hr_flow(self, lr: Tensor, prev_lr: Tensor) -> Tensor:
+        """Flow at HR from frame t to frame t-1 of LR frames in `[0, 1]`, as inference computes it by default."""
+        return flow_to_previous(self.flow, lr * 2 - 1, prev_lr * 2 - 1, self.net.scale, "hr")
 
-    def hr_flow(self, lr: Tensor, prev_lr: Tensor, size: tuple[int, int]) -> Tensor:
-        return resize_flow(self.flow(lr, prev_lr), size)
+    def warp_onto(self, image: Tensor, lr: Tensor, prev_lr: Tensor) -> Tensor:
+        """Warp `image` (HR, at frame t-1) onto frame t as inference warps the previous output."""
+        return stream_warp(image, self.hr_flow(lr, prev_lr))
 
     def teacher_x0(self, latents: Tensor, lr: Tensor, t: int) -> Tensor:
         """The teacher's clean latent: DDIM from `latents` at `t`, steps of the teacher's spacing, past 0.
@@ -204,8 +203,9 @@ class StreamDiffVSRModule(ZooModule):
         rec, lpips, temporal = [], [], []
         prev_output = vae.decode(latents[:, 0])
         for t in range(1, hr.shape[1]):
-            flow = self.hr_flow(lr[:, t], lr[:, t - 1], hr.shape[-2:])
-            warped_gt = warp(hr_n[:, t - 1], flow, padding_mode="zeros")
+            flow = self.hr_flow(lr[:, t], lr[:, t - 1])
+            # The TPMs see at inference the previous output warped by `stream_warp`.
+            warped_gt = stream_warp(hr_n[:, t - 1], flow)
             output = vae.decode(latents[:, t], vae.temporal_features(warped_gt))
             rec.append(F.l1_loss(output, hr_n[:, t]))
             lpips.append(self.perceptual((output / 2 + 0.5).clamp(0, 1), hr[:, t]))

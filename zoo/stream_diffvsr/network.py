@@ -129,9 +129,12 @@ class StreamDiffVSRConfig:
             class embedding.
         prompt_length: tokens of the precomputed empty-prompt embedding (77 for CLIP).
         flow_variant: RAFT `"large"` (the official script's) or `"small"`.
-        flow_pretrained: load torchvision's RAFT weights; False keeps a random RAFT (tests).
+        flow_pretrained: RAFT with torchvision's published weights (the official pipeline's); False
+            keeps a random RAFT (tests, tiny recipe). A weights folder's `flow/model.safetensors`
+            replaces either.
         flow_updates: RAFT refinement iterations.
-        seed: seed of the initial latent noise of every stream.
+        seed: seed of the generator of every stream's initial noise; 42 is the official
+            `inference.py`'s (`set_seed(42)`).
     """
 
     unet: dict[str, Any]
@@ -144,7 +147,7 @@ class StreamDiffVSRConfig:
     flow_variant: str = "large"
     flow_pretrained: bool = True
     flow_updates: int = 12
-    seed: int = 0
+    seed: int = 42
 
     @classmethod
     def full(cls) -> StreamDiffVSRConfig:
@@ -369,6 +372,49 @@ class TemporalAutoencoderTiny(ModelMixin, ConfigMixin):
     def decode(self, latents: Tensor, temporal_features: list[Tensor] | None = None) -> Tensor:
         """Image in `[-1, 1]` (unclamped) from diffusion latents."""
         return self.decoder(latents / self.config.scaling_factor, temporal_features)
+
+
+# The warp of the previous output ------------------------------------------------------------
+
+def stream_warp(image: Tensor, flow: Tensor) -> Tensor:
+    """Backward warp of the previous HR output onto the current frame, as the checkpoints were trained.
+
+    Each output pixel p = (x, y) reads `image` at p + flow(p) through
+
+        g = 2 (p + flow(p)) / max(S - 1, 1) - 1,   grid_sample(image, g, bilinear, zeros, align_corners=False)
+
+    with S the width for x and the height for y. The normalisation by S - 1 is `align_corners=True`'s
+    and the sampling `align_corners=False`'s, so the pixel actually read (pixel centres at integer
+    coordinates) is u = (x + f_x) W / (W - 1) - 1/2, v = (y + f_y) H / (H - 1) - 1/2: zero flow is not
+    the identity but a stretch by S / (S - 1) about the image centre with a half-pixel shift; border
+    pixels read half outside the image (zeros), so a zero-flow warp scales corner pixels by 1/4.
+    The shared `zoo.components.flow.warp` reads at p + flow(p) exactly; this one is kept apart because
+    the ARTG ControlNet and the TPMs of the Stream-DiffVSR checkpoints were trained on its output.
+
+    Args:
+        image: the previous output `(N, C, H, W)` (the raw decoder output, not clamped).
+        flow: `(N, 2, H, W)` in pixels, x then y, from the current frame to the previous one.
+
+    Returns:
+        `(N, C, H, W)` in the dtype of `image`; sampled in float32 at least.
+    """
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"flow must be (N, 2, H, W), got {tuple(flow.shape)}")
+    if image.ndim != 4 or image.shape[0] != flow.shape[0] or image.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(f"image must be (N, C, H, W) matching flow {tuple(flow.shape)}, got {tuple(image.shape)}")
+    dtype = torch.promote_types(image.dtype, torch.float32)
+    height, width = flow.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(height, device=flow.device, dtype=dtype),
+                            torch.arange(width, device=flow.device, dtype=dtype), indexing="ij")
+    flow = flow.to(dtype)
+    # Official util/flow_utils.py flow_warp; the paper does not state the convention. These float32
+    # operations in this order (p + f, then 2 * v / (S - 1) - 1) give its grid bit for bit; an
+    # algebraically equal rewrite is 1e-5 off after sampling.
+    grid_x = 2.0 * (xs + flow[:, 0]) / max(width - 1, 1) - 1.0
+    grid_y = 2.0 * (ys + flow[:, 1]) / max(height - 1, 1) - 1.0
+    warped = F.grid_sample(image.to(dtype), torch.stack([grid_x, grid_y], dim=3), mode="bilinear",
+                           padding_mode="zeros", align_corners=False)
+    return warped.to(image.dtype)
 
 
 # Everything together ----------------------------------------------------------------------

@@ -4,17 +4,25 @@
 the previous HR output only; nothing else about the past is kept, so memory is constant in the
 video's length and each output is available after its own input frame.
 
-Per frame t (the official pipeline's order):
-1. flow from LR_t to LR_{t-1} by RAFT, upsampled to HR (`resize_flow`), computed online;
-2. warp the previous HR output onto frame t (frame 0 has no previous output and runs without ARTG);
-3. 4-step DDIM from fresh noise with the UNet on [z_t, LR_t] and ControlNet residuals from the
-   warped previous output (ARTG);
-4. temporal-aware decoding with TPM features of the warped previous output.
+Per frame t, as the official pipeline (jamichss/Stream-DiffVSR) computes it:
+1. LR_t is padded (edge replication) to a multiple of the autoencoder's factor 4 only when it is not
+   one already, and mapped to [-1, 1];
+2. the flow from frame t to frame t-1: RAFT on LR_t and LR_{t-1} upsampled x4 bicubically (in
+   [-1, 1], unclamped), at HR (`flow_resolution="hr"`, the default); or RAFT on the LR frames with
+   the flow resized x4 (`flow_resolution="lr"`, 16x fewer flow pixels);
+3. the previous raw (unclamped) HR output is warped onto frame t with the checkpoints' sampling
+   grid (`stream_warp`); frame 0 has no previous output and runs without ARTG and TPM;
+4. 4-step DDIM from fresh noise (drawn from the stream's generator, seeded with `config.seed`) with
+   the UNet on [z_t, LR_t] and ControlNet residuals from the warped previous output (ARTG);
+5. temporal-aware decoding with TPM features of the warped previous output; the output is
+   clamped to [0, 1] and cropped back to exactly 4x the input.
 
 Weights load from the official Hub layout (`unet/`, `controlnet/`, `vae/`, `scheduler/`, each a
 `config.json` / `scheduler_config.json` with `diffusion_pytorch_model.safetensors`, read and written
 by diffusers), which is also what `save_pretrained` writes, plus the empty-prompt embedding and the
-zoo's streaming settings.
+zoo's streaming settings. A folder without the zoo's `config.json` (the untouched official one)
+takes the official settings: the scheduler from `scheduler/`, RAFT-large with torchvision's published
+weights and 12 updates, and the empty-prompt embedding from `text_encoder/` + `tokenizer/`.
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from diffusers import ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from torch import Tensor
 
-from zoo.components.flow import FlowEstimator, resize_flow, warp
+from zoo.components.flow import FlowEstimator, FlowFn, published_raft_weights, resize_flow
 from zoo.components.prompts import encode_prompt
 from zoo.components.tiling import pad_to_multiple
 from zoo.components.upscaler import (
@@ -40,7 +49,7 @@ from zoo.components.upscaler import (
     load_strict,
     read_safetensors,
 )
-from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet, TemporalAutoencoderTiny
+from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet, TemporalAutoencoderTiny, stream_warp
 
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
 FLOW_WEIGHTS = "flow/model.safetensors"
@@ -50,13 +59,51 @@ FLOW_WEIGHTS = "flow/model.safetensors"
 # least-squares slope 32.7 kB per LR pixel.
 MEMORY = MemoryModel(frame=32.7e3, measured="CPU peak RSS, full networks, LR 32-96 px, fp32")
 ZOO_SETTINGS = ("num_inference_steps", "noise_level", "flow_variant", "flow_pretrained", "flow_updates", "seed")
+FLOW_RESOLUTIONS = ("hr", "lr")
+
+
+def flow_to_previous(flow: FlowFn, lr: Tensor, prev_lr: Tensor, scale: int, resolution: str = "hr") -> Tensor:
+    """Flow `(N, 2, scale * h, scale * w)` in HR pixels from the current frame to the previous one.
+
+    Args:
+        flow: a flow estimator taking images in `[-1, 1]` (`FlowEstimator(..., signed_inputs=True)`).
+        lr: the current LR frames `(N, 3, h, w)` in `[-1, 1]`.
+        prev_lr: the previous LR frames, same shape.
+        scale: the HR / LR size ratio.
+        resolution: `"hr"`: RAFT on both frames upsampled `scale`x bicubically (`align_corners=False`,
+            unclamped), as the official pipeline computes the flow the checkpoints were trained with;
+            `"lr"`: RAFT on the LR frames, the flow resized `scale`x with its vectors (`resize_flow`).
+    """
+    if resolution == "hr":
+        # Official pipeline: bicubic x4 of the [-1, 1] LR frame, then of_model(current, previous). Its
+        # frames are channels-last (views of diffusers' HWC numpy arrays), and RAFT's convolutions
+        # only give its flow bit for bit in that memory format (1e-5 px apart in the other).
+        frames = torch.cat([lr, prev_lr]).contiguous(memory_format=torch.channels_last)
+        current, previous = F.interpolate(frames, scale_factor=scale, mode="bicubic").chunk(2)
+        return flow(current, previous)
+    if resolution == "lr":
+        return resize_flow(flow(lr, prev_lr), (lr.shape[-2] * scale, lr.shape[-1] * scale))
+    raise ValueError(f"flow_resolution must be one of {', '.join(FLOW_RESOLUTIONS)}, got {resolution!r}")
 
 
 class StreamSession:
     """One causal stream: `push(lr_frame) -> hr_frame`, holding only the previous LR/HR pair.
 
+    The initial noise of every frame is one `(1, 4, h, w)` float32 draw from `generator`, a generator
+    of its own seeded with `config.seed`, in frame order. The official `inference.py` draws the same
+    shapes in the same order from the global RNG after `set_seed(42)`, so with seed 42 a CPU session
+    reproduces its noise. On CUDA, its `enable_xformers_memory_efficient_attention()` first draws
+    552 `randn((1, 2, 40))` (the attention sanity check, 3 draws per visit of each of the 46
+    attention modules of the SD x4 UNet + ControlNet, each visited 4 times); make the same draws from
+    `session.generator` before the first `push` to reproduce the noise of its first clip.
+
     Args:
         upscaler: the upscaler whose networks run.
+
+    Attributes:
+        prev_lr: the previous LR frame as the networks saw it, `(1, 3, h, w)` in `[-1, 1]` (padded).
+        prev_hr: the previous raw decoder output `(1, 3, 4h, 4w)`, unclamped (it guides the next frame).
+        generator: the source of the initial noise.
     """
 
     def __init__(self, upscaler: StreamDiffVSRUpscaler) -> None:
@@ -70,7 +117,8 @@ class StreamSession:
         """Upscale the next frame `(3, H, W)` in `[0, 1]`; returns `(3, 4H, 4W)` in `[0, 1]`."""
         check_frame(lr_frame)
         up = self.upscaler
-        lr, padding = pad_to_multiple(lr_frame[None].to(up.device, torch.float32), up.size_multiple)
+        frame, padding = pad_to_multiple(lr_frame[None].to(up.device, torch.float32), up.size_multiple)
+        lr = frame * 2 - 1
         if self.prev_lr is not None and self.prev_lr.shape != lr.shape:
             raise ValueError(f"every frame of a stream must have one size; got {tuple(lr_frame.shape[-2:])} after "
                              f"frames of another size")
@@ -79,8 +127,8 @@ class StreamSession:
                             device=up.device, dtype=torch.float32).to(up.dtype)
         warped_prev = None
         if self.prev_hr is not None:
-            warped_prev = up.warp_previous(self.prev_hr, self.prev_lr, lr)
-        hr = net.upscale_frame((lr * 2 - 1).to(up.dtype), noise, warped_prev)
+            warped_prev = up.warp_previous(self.prev_hr, lr, self.prev_lr)
+        hr = net.upscale_frame(lr.to(up.dtype), noise, warped_prev)
         # The next frame is guided by the raw decoder output, as in the official pipeline.
         self.prev_lr, self.prev_hr = lr, hr
         out = (hr.float() / 2 + 0.5).clamp(0, 1)
@@ -90,16 +138,22 @@ class StreamSession:
 class StreamDiffVSRUpscaler(VideoUpscaler):
     """Stream-DiffVSR (x4): causal, one previous frame of state, 4-step DDIM with ARTG and TPM.
 
+    Option (`configure`): `flow_resolution`, where RAFT runs: `"hr"` (default) on the LR frames
+    upsampled x4 bicubically, as the official pipeline does and the checkpoints were trained with;
+    `"lr"` on the LR frames themselves with the flow resized x4 (16x fewer flow pixels, faster, a
+    coarser flow). It is an option, not a config field, because it changes how frames are processed,
+    not the weights: every checkpoint runs with either.
+
     Args:
         config: the network config (`StreamDiffVSRConfig.tiny()` / `.full()` or loaded).
         net: existing networks to run (shared, not copied); built from `config` when None.
-        flow: an existing flow estimator (shared); built from `config` when None.
+        flow: an existing flow estimator on images in `[-1, 1]` (shared); built from `config` when None.
     """
 
     hub_name = "stream_diffvsr"
     config_class = StreamDiffVSRConfig
     # The official pipeline applies no colour fix (its output is the decoder's, clamped).
-    options: ClassVar[dict[str, Any]] = {"color_fix": "none"}
+    options: ClassVar[dict[str, Any]] = {"flow_resolution": "hr", "color_fix": "none"}
     scales = (4,)
     memory = MEMORY
 
@@ -108,24 +162,33 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         super().__init__(config)
         self.net = StreamDiffVSRNet(config) if net is None else net
         self.scale = self.net.scale
-        self.flow = flow if flow is not None else FlowEstimator(
-            config.flow_variant, pretrained=config.flow_pretrained, num_flow_updates=config.flow_updates)
+        self.flow = flow if flow is not None else flow_estimator(config, pretrained=config.flow_pretrained)
+
+    def check_options(self) -> None:
+        if self.flow_resolution not in FLOW_RESOLUTIONS:
+            raise ValueError(f"flow_resolution must be one of {', '.join(FLOW_RESOLUTIONS)}, "
+                             f"got {self.flow_resolution!r}")
 
     @property
     def size_multiple(self) -> int:
-        """LR frames are padded (edge replication) to multiples of this: the UNet's downsampling factor."""
-        return 2 ** (len(self.config.unet["block_out_channels"]) - 1)
+        """LR frames are padded (edge replication) to multiples of this: the autoencoder's factor (4).
 
-    def warp_previous(self, prev_hr: Tensor, prev_lr: Tensor, lr: Tensor) -> Tensor:
-        """The previous HR output warped onto the current frame.
-
-        The flow from the current LR frame to the previous one (RAFT on LR, upsampled with its
-        vectors rescaled) samples the previous output at p + flow(p), with zeros outside the frame
-        as in the official warp.
+        The official pipeline brings every LR frame to a multiple of its `vae_scale_factor` (4) and
+        runs it at that size (the UNet handles sizes that are not multiples of its own factor, 8), so
+        multiples of 4 run as they are; other sizes are padded and the output cropped back to 4x.
         """
-        flow = self.flow(lr, prev_lr)
-        flow = resize_flow(flow, prev_hr.shape[-2:])
-        return warp(prev_hr, flow.to(prev_hr.dtype), padding_mode="zeros")
+        return self.net.vae.downscale
+
+    def warp_previous(self, prev_hr: Tensor, lr: Tensor, prev_lr: Tensor) -> Tensor:
+        """The previous raw HR output warped onto the current frame (`stream_warp`).
+
+        Args:
+            prev_hr: the previous decoder output `(N, 3, 4h, 4w)`, unclamped.
+            lr: the current LR frame `(N, 3, h, w)` in `[-1, 1]`.
+            prev_lr: the previous LR frame, same shape.
+        """
+        flow = flow_to_previous(self.flow, lr, prev_lr, self.scale, self.flow_resolution)
+        return stream_warp(prev_hr, flow)
 
     def session(self) -> StreamSession:
         """A new causal stream."""
@@ -143,7 +206,7 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         """Write the official layout (`unet/`, `controlnet/`, `vae/`, `scheduler/`) plus the zoo's extras.
 
         Extras: `prompt_embeds.safetensors` (the empty-prompt embedding), `config.json` (streaming
-        settings) and, for a random RAFT, `flow/model.safetensors`.
+        settings) and `flow/model.safetensors` (the RAFT weights, so the folder needs no other download).
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -153,9 +216,8 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         save_file({"prompt_embeds": self.net.prompt_embeds.detach().float().cpu().contiguous()},
                   folder / PROMPT_EMBEDS)
         self.write_config(folder, {key: getattr(self.config, key) for key in ZOO_SETTINGS})
-        if not self.config.flow_pretrained:
-            (folder / "flow").mkdir(exist_ok=True)
-            save_file(cpu_state(self.flow.state_dict()), folder / FLOW_WEIGHTS)
+        (folder / FLOW_WEIGHTS).parent.mkdir(exist_ok=True)
+        save_file(cpu_state(self.flow.state_dict()), folder / FLOW_WEIGHTS)
         return folder
 
     @classmethod
@@ -163,7 +225,9 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         """Build from an official or exported folder; every component must match its weights exactly.
 
         The empty-prompt embedding comes from `prompt_embeds.safetensors`, or is computed with
-        the folder's `text_encoder/` and `tokenizer/` (the official repository's) when absent.
+        the folder's `text_encoder/` and `tokenizer/` (the official repository's) when absent. RAFT
+        comes from `flow/model.safetensors`, or, when absent and `flow_pretrained` (the official
+        folder), from torchvision's published weights (downloaded once into torch's hub cache).
         """
         folder = Path(folder)
         settings: dict[str, Any] = cls.read_config_data(folder, required=False) or {}
@@ -183,10 +247,14 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
             scheduler=_public(scheduler.config), prompt_length=prompt.shape[1], **settings,
         )
         net = StreamDiffVSRNet.from_components(config, unet, controlnet, vae, prompt)
-        model = cls(config, net=net)
-        if not config.flow_pretrained:
-            load_strict(model.flow, folder / FLOW_WEIGHTS)
-        return model
+        if (folder / FLOW_WEIGHTS).is_file():
+            flow = flow_estimator(config, pretrained=False)
+            load_strict(flow, folder / FLOW_WEIGHTS)
+        elif config.flow_pretrained:
+            flow = _published_raft(config, folder)
+        else:
+            raise FileNotFoundError(f"{folder} is not a complete weights folder: {FLOW_WEIGHTS} is missing")
+        return cls(config, net=net, flow=flow)
 
     @staticmethod
     def _read_prompt_embeds(folder: Path) -> Tensor:
@@ -198,6 +266,26 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
             f"{folder} has neither {PROMPT_EMBEDS} nor text_encoder/ + tokenizer/ to compute the empty-prompt "
             f"embedding; download those folders of the official repository too"
         )
+
+
+def flow_estimator(config: StreamDiffVSRConfig, *, pretrained: bool) -> FlowEstimator:
+    """The RAFT of `config` (variant, updates), on images in `[-1, 1]`; torchvision's weights if `pretrained`."""
+    return FlowEstimator(config.flow_variant, pretrained=pretrained, num_flow_updates=config.flow_updates,
+                         signed_inputs=True)
+
+
+def _published_raft(config: StreamDiffVSRConfig, folder: Path) -> FlowEstimator:
+    """torchvision's RAFT weights for a folder that carries none; offline, only from torch's hub cache."""
+    from huggingface_hub import constants
+
+    url, path = published_raft_weights(config.flow_variant)
+    if constants.HF_HUB_OFFLINE and not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {FLOW_WEIGHTS} and torchvision's RAFT weights {path} are missing (nothing is "
+            f"downloaded with HF_HUB_OFFLINE=1); download {url} to that path, or put the RAFT weights in "
+            f"{folder / FLOW_WEIGHTS} (`zoo hub export` writes them there)"
+        )
+    return flow_estimator(config, pretrained=True)
 
 
 def _public(config: Any) -> dict[str, Any]:

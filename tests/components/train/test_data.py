@@ -83,6 +83,20 @@ def test_reds_layout_windows_and_stride(tmp_path):
         dataset[6]
 
 
+def test_exclude_leaves_sequences_out_and_frame_index_follows_reversal(tmp_path):
+    for key in ("000", "001", "011"):
+        write_frames(tmp_path / key, 4)
+    dataset = VideoClipDataset(tmp_path, clip_length=3, flip=False, exclude=["000", "011"])
+    assert [s.key for s in dataset.sequences] == ["001"] and len(dataset) == 2
+    # frame_index names the frames the clip holds, in its order: reversed clips reverse it too.
+    orders = {tuple(dataset[i]["frame_index"].tolist()): frame_indices(dataset[i]["hr"]) for i in range(2)}
+    assert all(list(index) == frames for index, frames in orders.items())
+    strided = VideoClipDataset(tmp_path, clip_length=2, stride=3, flip=False, temporal_reverse=False)
+    assert strided[0]["frame_index"].tolist() == [0, 3]
+    with pytest.raises(ValueError, match=r"exclude names sequences \['020'\]"):
+        VideoClipDataset(tmp_path, clip_length=3, exclude=["020"])
+
+
 def test_random_crop_is_one_window_for_all_frames_and_reproducible(tmp_path):
     write_frames(tmp_path / "000", 6)
     make = lambda seed: VideoClipDataset(tmp_path, clip_length=3, crop_size=(8, 6), seed=seed)  # noqa: E731
@@ -376,9 +390,12 @@ def test_datamodule_signature_builds_from_the_command_line(tmp_path):
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(VSRDataModule, "data")
-    config = parser.parse_args(["--data.degradation=blurdown", "--data.crop_size=16", "--data.train_roots=[a, b]"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    roots = f"--data.train_roots=[{tmp_path / 'a'}, {tmp_path / 'b'}]"
+    config = parser.parse_args(["--data.degradation=blurdown", "--data.crop_size=16", roots])
     datamodule = parser.instantiate_classes(config).data
-    assert datamodule.train_roots == ["a", "b"] and datamodule.crop_size == 16
+    assert datamodule.train_roots == [str(tmp_path / "a"), str(tmp_path / "b")] and datamodule.crop_size == 16
     assert math.isclose(datamodule.degradation.sigma, 1.6)
 
 

@@ -4,15 +4,20 @@ aggregation over clips, and unavailable learned metrics."""
 from __future__ import annotations
 
 import math
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zoo.components.flow import GroundTruthFlow
 from zoo.components.train.losses import LPIPS
 from zoo.components.train.metrics import (
     VideoMetrics,
+    dover_overall,
     flolpips,
     psnr,
     rgb_to_y,
@@ -268,3 +273,88 @@ def test_unavailable_metrics_are_reported_with_reason(tmp_path, monkeypatch) -> 
 def test_video_metrics_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown metrics"):
         VideoMetrics(names=("psnr", "vmaf"))
+
+
+# DOVER --------------------------------------------------------------------------------------------
+
+
+def test_dover_overall_fuses_the_published_statistics_by_hand() -> None:
+    # x = (t - 0.1107) / 0.07355 * 0.6104 + (a + 0.08285) / 0.03774 * 0.3896, score = sigmoid(x).
+    assert dover_overall(0.1107, -0.08285).item() == 0.5
+    assert dover_overall(0.1107 + 0.07355, -0.08285).item() == pytest.approx(0.6480320, abs=1e-7)  # sigmoid(0.6104)
+    assert dover_overall(0.1107, -0.08285 + 0.03774).item() == pytest.approx(0.5961864, abs=1e-7)  # sigmoid(0.3896)
+
+
+def test_dover_is_unavailable_without_its_weights_or_its_package(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    clip, _, _ = pan_clip()
+    metrics = VideoMetrics(names=("dover",))
+    assert metrics.update(clip) == {}
+    reason = metrics.unavailable["dover"]
+    assert str(tmp_path / "hub" / "dover" / "DOVER.pth") in reason and "releases/download/v0.1.0/DOVER.pth" in reason
+    weights = tmp_path / "DOVER.pth"
+    torch.save({}, weights)
+    monkeypatch.setitem(sys.modules, "dover", None)  # not installed
+    metrics = VideoMetrics(names=("dover",), dover_weights=weights)
+    assert metrics.update(clip) == {}
+    assert "VQAssessment/DOVER" in metrics.unavailable["dover"] and "unrelated" in metrics.unavailable["dover"]
+
+
+def _stand_in_dover(calls: dict) -> types.ModuleType:
+    """A `dover` package with DOVER's API whose model scores a view by its mean."""
+
+    class UnifiedFrameSampler:
+        def __init__(self, fsize_t, fragments_t, frame_interval=1, num_clips=1, drop_rate=0.0):
+            calls.setdefault("samplers", []).append((fsize_t, fragments_t, frame_interval, num_clips))
+            self.count = fsize_t * fragments_t * num_clips
+
+        def __call__(self, total_frames, train=False, start_index=0):
+            offset = np.random.randint(0, 1000)  # DOVER draws its windows at random
+            calls.setdefault("offsets", []).append(offset)
+            return (np.arange(self.count) + offset) % total_frames
+
+    def get_single_view(video, sample_type, **options):
+        calls.setdefault("views", []).append((sample_type, video.dtype, tuple(video.shape)))
+        return video
+
+    class DOVER(nn.Module):
+        def __init__(self, **args):
+            super().__init__()
+            calls["model"] = args
+
+        def load_state_dict(self, state, strict=True):
+            calls["state"] = state
+
+        def forward(self, views):
+            calls["shapes"] = {name: tuple(view.shape) for name, view in views.items()}
+            return [views["technical"].mean(), views["aesthetic"].mean()]
+
+    package = types.ModuleType("dover")
+    package.datasets = types.SimpleNamespace(UnifiedFrameSampler=UnifiedFrameSampler, get_single_view=get_single_view)
+    package.models = types.SimpleNamespace(DOVER=DOVER)
+    return package
+
+
+def test_dover_runs_the_official_views_and_fuses_their_scores(tmp_path, monkeypatch) -> None:
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "dover", _stand_in_dover(calls))
+    monkeypatch.setitem(sys.modules, "dover.datasets", sys.modules["dover"].datasets)
+    weights = tmp_path / "DOVER.pth"
+    torch.save({"head.weight": torch.ones(2)}, weights)
+    metrics = VideoMetrics(names=("dover",), dover_weights=weights)
+    state = np.random.get_state()
+    score = metrics.update(torch.full((5, 3, 8, 8), 0.5))["dover"]
+    # 0.5 is 8-bit 128; normalised per channel: (128 - 123.675) / 58.395 = 0.0740646,
+    # (128 - 116.28) / 57.12 = 0.2051821, (128 - 103.53) / 57.375 = 0.4264924; mean 0.2352463 in both views.
+    assert score == pytest.approx(dover_overall(0.2352463, 0.2352463).item(), abs=1e-6)
+    # DOVER's own sampler settings: the technical view takes 3 windows of 32 frames 2 apart, the aesthetic
+    # one 32 windows of 1 frame; the clip is 8-bit as DOVER reads it from a video file.
+    assert calls["samplers"] == [(32, 3, 2, 1), (1, 32, 2, 1)]
+    assert calls["views"] == [("technical", torch.uint8, (3, 96, 8, 8)), ("aesthetic", torch.uint8, (3, 32, 8, 8))]
+    assert calls["shapes"] == {"technical": (3, 3, 32, 8, 8), "aesthetic": (1, 3, 32, 8, 8)}
+    assert calls["model"]["backbone"]["technical"]["type"] == "swin_tiny_grpb" and torch.equal(
+        calls["state"]["head.weight"], torch.ones(2))
+    # The random windows are seeded (the same score every time) and the global generators are left alone.
+    assert metrics.update(torch.full((5, 3, 8, 8), 0.5))["dover"] == score
+    assert calls["offsets"][:2] == calls["offsets"][2:]
+    assert all(np.array_equal(a, b) for a, b in zip(state[1:3], np.random.get_state()[1:3]))

@@ -193,8 +193,28 @@ def test_unsupported_strategy_fails_at_setup() -> None:
         pass
 
     schedule = three_stages()
-    with pytest.raises(ValueError, match="supports single-device and DDP strategies, got OtherStrategy"):
+    with pytest.raises(ValueError, match="supports single-device, DDP and FSDP strategies, got OtherStrategy"):
         schedule.setup(SimpleNamespace(strategy=OtherStrategy()), ThreeLayers(), "fit")
+
+
+def test_fsdp_needs_the_original_parameters() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    schedule = three_stages()
+    with pytest.raises(ValueError, match=r"FSDPStrategy\(use_orig_params=True\)"):
+        schedule.setup(SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False)), ThreeLayers(), "fit")
+    module = ThreeLayers()
+    # Lightning's default keeps the original parameters.
+    schedule.setup(SimpleNamespace(strategy=FSDPStrategy(), optimizers=[]), module, "fit")
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {"a.weight", "a.bias"}
+
+
+def test_patterns_see_through_fsdp_wrapper_segments() -> None:
+    from zoo.components.train.stages import unwrapped_name
+
+    name = "net.blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.to_q.weight"
+    assert unwrapped_name(name) == "net.blocks.0.attn.to_q.weight"
+    assert Stage("s", 1, ["net.blocks.*.attn.to_q.*"]).trains(unwrapped_name(name))
 
 
 def test_stage_and_schedule_validation() -> None:

@@ -242,6 +242,12 @@ class VideoClipDataset(Dataset):
         sequence_list: optional list file per root (see `discover_sequences`).
         temporal_skip: space-time VSR: add "key_frames"/"interp_frames" (`temporal_subsample`).
         seed: base seed of the random augmentation.
+        exclude: sequence keys left out (e.g. a test set kept inside the training roots); each must
+            name a sequence of the roots.
+
+    Items: "hr" `(clip_length, 3, H, W)`, "key" `"<sequence>/<first frame:08d>"` and "frame_index"
+    `(clip_length,)`, the indices in the sequence of the clip's frames, in the item's order (so
+    reversed with the clip).
     """
 
     def __init__(
@@ -257,6 +263,7 @@ class VideoClipDataset(Dataset):
         sequence_list: str | None = None,
         temporal_skip: int | None = None,
         seed: int = 0,
+        exclude: Sequence[str] = (),
     ) -> None:
         if clip_length < 1 or stride < 1:
             raise ValueError(f"clip_length and stride must be >= 1, got {clip_length} and {stride}")
@@ -267,9 +274,11 @@ class VideoClipDataset(Dataset):
         self.flip, self.temporal_reverse, self.temporal_skip = flip, temporal_reverse, temporal_skip
         self.seed, self.epoch = seed, 0
         span = (clip_length - 1) * stride + 1
-        self.sequences = [
-            s for root in roots for s in discover_sequences(root, layout, sequence_list) if s.num_frames >= span
-        ]
+        found = [s for root in roots for s in discover_sequences(root, layout, sequence_list)]
+        unknown = sorted(set(exclude) - {s.key for s in found})
+        if unknown:
+            raise ValueError(f"exclude names sequences {unknown[:3]} that {[str(r) for r in roots]} do not hold")
+        self.sequences = [s for s in found if s.num_frames >= span and s.key not in set(exclude)]
         if not self.sequences:
             raise ValueError(f"no sequence under {[str(r) for r in roots]} has the {span} frames a clip spans")
         # Cumulative window counts: index -> sequence by bisection, without a per-window list.
@@ -299,13 +308,15 @@ class VideoClipDataset(Dataset):
             left = int(torch.randint(width - crop_w + 1, (), generator=generator))
             frames = frames[..., top : top + crop_h, left : left + crop_w]
         coins = torch.rand(3, generator=generator) < 0.5
+        frame_index = start + self.stride * torch.arange(self.clip_length)
         if self.flip and coins[0]:
             frames = frames.flip(-1)
         if self.flip and coins[1]:
             frames = frames.flip(-2)
         if self.temporal_reverse and coins[2]:
-            frames = frames.flip(0)
-        item = {"hr": _to_unit_float(frames).contiguous(), "key": f"{sequence.key}/{start:08d}"}
+            frames, frame_index = frames.flip(0), frame_index.flip(0)
+        item = {"hr": _to_unit_float(frames).contiguous(), "key": f"{sequence.key}/{start:08d}",
+                "frame_index": frame_index}
         return _add_key_frames(item, self.temporal_skip, self.clip_length)
 
 
@@ -384,6 +395,7 @@ class PairedVideoDataset(Dataset):
             this many frames that cover each sequence, the last one ending at its final frame.
         temporal_skip: space-time VSR: "lr" keeps only key frames, with "key_frames"/"interp_frames";
             whole sequences are cut to the longest prefix ending on a key frame.
+        max_frames: use only the first `max_frames` frames of each sequence.
     """
 
     def __init__(
@@ -394,6 +406,7 @@ class PairedVideoDataset(Dataset):
         layout: str = "folders",
         clip_length: int | None = None,
         temporal_skip: int | None = None,
+        max_frames: int | None = None,
     ) -> None:
         if layout not in PAIRED_LAYOUTS:
             raise ValueError(f"unknown paired layout {layout!r}; expected one of {list(PAIRED_LAYOUTS)}")
@@ -429,7 +442,7 @@ class PairedVideoDataset(Dataset):
         self.items = [
             (i, start, length)
             for i, (_, gt) in enumerate(self.pairs)
-            for start, length in _windows(gt.num_frames, clip_length, temporal_skip)
+            for start, length in _windows(min(gt.num_frames, max_frames or gt.num_frames), clip_length, temporal_skip)
         ]
 
     def __len__(self) -> int:
@@ -446,21 +459,35 @@ class PairedVideoDataset(Dataset):
         return _add_key_frames(item, self.temporal_skip, length)
 
 
-class LRVideoDataset(Dataset):
-    """Real-world LR sequences without GT (VideoLQ: root/<seq>/<frame>.png; video files in root too).
+class SequenceDataset(Dataset):
+    """Whole sequences (or windows of them) of one side: GT clips to degrade, or LR clips without GT.
+
+    Frame folders `root/<seq>/<frame>.png` and video files in `root` (or `root` itself as one video).
 
     Args:
         root: dataset root.
+        field: the item key of the frames: `"hr"` (ground truth, LR made by a degradation) or `"lr"`
+            (real-world LR such as VideoLQ, no ground truth).
         clip_length: None yields whole sequences; else windows covering each sequence (as in
             `PairedVideoDataset`).
+        max_frames: use only the first `max_frames` frames of each sequence.
+        temporal_skip: space-time VSR with `field="hr"`: add "key_frames"/"interp_frames"; whole
+            sequences are cut to the longest prefix ending on a key frame.
     """
 
-    def __init__(self, root: str | Path, *, clip_length: int | None = None) -> None:
-        self.sequences = discover_sequences(root, "youhq")
+    def __init__(self, root: str | Path, *, field: str = "hr", clip_length: int | None = None,
+                 max_frames: int | None = None, temporal_skip: int | None = None) -> None:
+        if field not in ("hr", "lr"):
+            raise ValueError(f"field must be 'hr' or 'lr', got {field!r}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.field, self.temporal_skip = field, temporal_skip
+        self.sequences = discover_sequences(root, "videos" if Path(root).is_file() else "youhq")
         self.items = [
             (i, start, length)
             for i, sequence in enumerate(self.sequences)
-            for start, length in _windows(sequence.num_frames, clip_length, None)
+            for start, length in _windows(min(sequence.num_frames, max_frames or sequence.num_frames), clip_length,
+                                          temporal_skip)
         ]
 
     def __len__(self) -> int:
@@ -469,7 +496,20 @@ class LRVideoDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, start, length = self.items[index]
         sequence = self.sequences[which]
-        return {"lr": _to_unit_float(sequence.read(start, length)), "key": f"{sequence.key}/{start:08d}"}
+        item = {self.field: _to_unit_float(sequence.read(start, length)), "key": f"{sequence.key}/{start:08d}"}
+        return _add_key_frames(item, self.temporal_skip, length)
+
+
+class LRVideoDataset(SequenceDataset):
+    """Real-world LR sequences without GT (VideoLQ: root/<seq>/<frame>.png; video files in root too).
+
+    Args:
+        root: dataset root.
+        clip_length: None yields whole sequences; else windows covering each sequence.
+    """
+
+    def __init__(self, root: str | Path, *, clip_length: int | None = None) -> None:
+        super().__init__(root, field="lr", clip_length=clip_length)
 
 
 class SampleClipDataset(Dataset):
@@ -610,6 +650,10 @@ class VSRDataModule(LightningDataModule):
         super().__init__()
         if crop_size % scale:
             raise ValueError(f"crop_size must be a multiple of scale={scale}, got {crop_size}")
+        # Checked here, before any network is built, so a mistyped root costs nothing.
+        for root in [*(train_roots or []), *(val_roots or [])]:
+            if not Path(root).exists():
+                raise ValueError(f"dataset root {root} does not exist")
         self.save_hyperparameters(ignore=[] if isinstance(degradation, str) else ["degradation"])
         self.train_roots, self.val_roots = train_roots, val_roots
         self.clip_length, self.crop_size, self.stride = clip_length, crop_size, stride

@@ -13,6 +13,12 @@ Temporal metrics (one value per clip)
     TOG 2020) and `flolpips` (Danier et al., PCS 2022). They take a `FlowFn` and a perceptual
     distance, so any flow source (RAFT, ground truth) and any distance plug in.
 
+Video quality (one value per clip, no reference)
+    `dover`: DOVER (Wu et al., ICCV 2023), the fused overall score in [0, 1] that video SR papers
+    report. pyiqa has no DOVER; it runs through the official `dover` package of VQAssessment/DOVER
+    and its published weights, which their S-Lab License limits to non-commercial use, so the zoo
+    ships neither: the user installs them, else the metric is unavailable.
+
 Flow convention (`zoo.components.flow`): `flow_fn(src, dst)` is the flow from `src` to `dst`, and
 `warp(frames[t + 1], flow_fn(frames[t], frames[t + 1])) ≈ frames[t]`.
 
@@ -23,10 +29,13 @@ reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -49,7 +58,8 @@ class PerceptualDistance(Protocol):
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "dists")
 NO_REFERENCE = ("musiq", "clipiqa", "maniqa", "niqe", "brisque", "nrqm")
 TEMPORAL = ("ewarp", "tlp", "tof", "flolpips")
-METRIC_NAMES = FULL_REFERENCE + NO_REFERENCE + TEMPORAL
+VIDEO = ("dover",)
+METRIC_NAMES = FULL_REFERENCE + NO_REFERENCE + TEMPORAL + VIDEO
 
 # Files each pyiqa metric reads, relative to torch.hub.get_dir() (pyiqa 0.1.x names). MANIQA also
 # needs timm's `vit_base_patch8_224` from the Hugging Face cache.
@@ -71,7 +81,7 @@ _REQUIREMENTS = {
     "tlp": ("distance",),
     "tof": ("flow",),
     "flolpips": ("flow", "distance"),
-    **{name: (name,) for name in NO_REFERENCE},
+    **{name: (name,) for name in NO_REFERENCE + VIDEO},
 }
 
 
@@ -254,6 +264,119 @@ def flolpips(pred: Tensor, gt: Tensor, flow_fn: FlowFn, distance: PerceptualDist
     return torch.cat(scores).mean()
 
 
+# Video quality ----------------------------------------------------------------------------------
+
+# DOVER's published evaluation settings (VQAssessment/DOVER: dover.yml, its "val-l1080p" sample types
+# and "model" block, as evaluate_one_video.py uses them) and its weights file (release v0.1.0).
+DOVER_FILE = "dover/DOVER.pth"
+DOVER_URL = "https://github.com/QualityAssessment/DOVER/releases/download/v0.1.0/DOVER.pth"
+DOVER_SAMPLE_TYPES = {
+    "technical": {"fragments_h": 7, "fragments_w": 7, "fsize_h": 32, "fsize_w": 32, "aligned": 32,
+                  "clip_len": 32, "frame_interval": 2, "num_clips": 3},
+    "aesthetic": {"size_h": 224, "size_w": 224, "clip_len": 32, "frame_interval": 2, "t_frag": 32, "num_clips": 1},
+}
+DOVER_MODEL = {
+    "backbone": {"technical": {"type": "swin_tiny_grpb", "checkpoint": True, "pretrained": None},
+                 "aesthetic": {"type": "conv_tiny"}},
+    "backbone_preserve_keys": "technical,aesthetic",
+    "divide_head": True,
+    "vqa_head": {"in_channels": 768, "hidden_channels": 64},
+}
+# DOVER normalises 8-bit frames with the ImageNet statistics on the 0-255 scale.
+DOVER_MEAN = (123.675, 116.28, 103.53)
+DOVER_STD = (58.395, 57.12, 57.375)
+
+
+def dover_overall(technical: Tensor | float, aesthetic: Tensor | float) -> Tensor:
+    """DOVER's overall score in [0, 1] from its technical and aesthetic raw scores.
+
+    `sigmoid( (t - 0.1107) / 0.07355 * 0.6104 + (a + 0.08285) / 0.03774 * 0.3896 )`: each raw score
+    standardised by DOVER's published statistics and the two fused with its published weights
+    (`fuse_results` of DOVER's evaluate_one_video.py, the `-f` score that video SR papers report).
+
+    Args:
+        technical: `t`, the technical branch's mean score.
+        aesthetic: `a`, the aesthetic branch's mean score.
+    """
+    t, a = torch.as_tensor(technical, dtype=torch.float64), torch.as_tensor(aesthetic, dtype=torch.float64)
+    return torch.sigmoid((t - 0.1107) / 0.07355 * 0.6104 + (a + 0.08285) / 0.03774 * 0.3896)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global generators inside the block, restoring them after."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class DOVERScore:
+    """DOVER's overall score of a clip, through the official `dover` package and weights.
+
+    The clip is quantised to 8 bits (what DOVER reads from a video file) and cut into DOVER's two
+    views by DOVER's own samplers (`UnifiedFrameSampler`, `get_single_view`); their random frame
+    offsets and fragment positions are drawn under `seed`, so a clip always gets the same score.
+    Clips shorter than DOVER's 32-frame windows are looped by its sampler (indices modulo length).
+
+    Args:
+        weights: DOVER.pth.
+        device: where DOVER runs.
+        seed: seed of DOVER's random view sampling.
+
+    Raises:
+        ImportError: the `dover` package (VQAssessment/DOVER, installed from its repository; PyPI's
+            `dover` is an unrelated project) is missing.
+        OSError: DOVER's constructor could not fetch the ImageNet ConvNeXt-T weights it starts its
+            aesthetic branch from (they are then overwritten by DOVER.pth); they must be in the torch
+            hub cache offline.
+    """
+
+    def __init__(self, weights: Path, device: torch.device, seed: int = 0) -> None:
+        try:
+            import dover
+            from dover.datasets import UnifiedFrameSampler, get_single_view
+        except ImportError as err:
+            raise ImportError(
+                "DOVER needs the `dover` package of github.com/VQAssessment/DOVER (S-Lab License 1.0, "
+                "non-commercial use only), installed from that repository with `pip install -e .`; the PyPI "
+                f"package called `dover` is an unrelated project ({err})"
+            ) from None
+        self.sampler, self.view, self.seed, self.device = UnifiedFrameSampler, get_single_view, seed, device
+        self.model = dover.models.DOVER(**DOVER_MODEL)
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model.eval().to(device)
+
+    def views(self, clip: Tensor) -> dict[str, Tensor]:
+        """DOVER's normalised views `(num_clips, 3, frames, H, W)` of a clip `(T, 3, H, W)` in [0, 1]."""
+        video = (clip.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 0, 2, 3).cpu()  # (3, T, H, W)
+        mean = torch.tensor(DOVER_MEAN).view(3, 1, 1, 1)
+        std = torch.tensor(DOVER_STD).view(3, 1, 1, 1)
+        views = {}
+        with _seeded(self.seed):
+            for name, options in DOVER_SAMPLE_TYPES.items():
+                if "t_frag" in options:  # the aesthetic view: t_frag windows of clip_len / t_frag frames
+                    sampler = self.sampler(options["clip_len"] // options["t_frag"], options["t_frag"],
+                                           options["frame_interval"], options["num_clips"])
+                else:  # the technical view: num_clips windows of clip_len frames
+                    sampler = self.sampler(options["clip_len"], options["num_clips"], options["frame_interval"])
+                indices = torch.from_numpy(sampler(video.shape[1]).astype(np.int64))
+                view = (self.view(video[:, indices], name, **options) - mean) / std
+                views[name] = view.unflatten(1, (options["num_clips"], -1)).transpose(0, 1).to(self.device)
+        return views
+
+    @torch.no_grad()
+    def __call__(self, clip: Tensor) -> Tensor:
+        technical, aesthetic = (score.mean() for score in self.model(self.views(clip)))
+        return dover_overall(technical, aesthetic)
+
+
 # Collection -------------------------------------------------------------------------------------
 
 
@@ -272,7 +395,7 @@ class VideoMetrics(nn.Module):
         names: metrics to compute, from `METRIC_NAMES`: `psnr`, `ssim`, `lpips`, `dists` (need
             `gt`), `musiq`, `clipiqa`, `maniqa`, `niqe`, `brisque`, `nrqm` (no reference),
             `ewarp` (on `pred`, flow of `gt` when given, else of `pred`), `tlp`, `tof`,
-            `flolpips` (need `gt`).
+            `flolpips` (need `gt`), `dover` (no reference; see `DOVERScore`).
         crop_border: pixels left out on each side for PSNR / SSIM.
         y_channel: PSNR / SSIM on BT.601 luma (`rgb_to_y`) instead of RGB.
         lpips_net: backbone of the default LPIPS (`"alex"`, the metric's usual choice).
@@ -280,6 +403,8 @@ class VideoMetrics(nn.Module):
         distance: perceptual distance of `lpips`, `tlp` and `flolpips`; `None` builds pretrained
             LPIPS (`lpips_net`).
         batch_size: frames per call of the learned networks.
+        dover_weights: DOVER.pth; `torch.hub.get_dir()/dover/DOVER.pth` when None.
+        dover_seed: seed of DOVER's random view sampling.
     """
 
     def __init__(
@@ -291,6 +416,8 @@ class VideoMetrics(nn.Module):
         flow_fn: FlowFn | None = None,
         distance: PerceptualDistance | None = None,
         batch_size: int = 8,
+        dover_weights: str | Path | None = None,
+        dover_seed: int = 0,
     ) -> None:
         super().__init__()
         unknown = sorted(set(names) - set(METRIC_NAMES))
@@ -303,6 +430,8 @@ class VideoMetrics(nn.Module):
         self.y_channel = y_channel
         self.lpips_net = lpips_net
         self.batch_size = batch_size
+        self.dover_weights = None if dover_weights is None else Path(dover_weights)
+        self.dover_seed = dover_seed
         self.means = nn.ModuleDict({name: MeanMetric() for name in self.names})
         self.unavailable: dict[str, str] = {}
         self._tool_errors: dict[str, str] = {}
@@ -320,9 +449,10 @@ class VideoMetrics(nn.Module):
             return None
         try:
             tool = self._build(key, device)
-        except (FileNotFoundError, RuntimeError, OSError) as err:
+        except (FileNotFoundError, RuntimeError, OSError, ImportError) as err:
             # Missing or undownloadable weights: FileNotFoundError from our loaders, RuntimeError
-            # from FlowEstimator, OSError (URLError, Hub cache misses) from pyiqa / timm / CLIP.
+            # from FlowEstimator, OSError (URLError, Hub cache misses) from pyiqa / timm / CLIP;
+            # ImportError: DOVER's package, which the user installs.
             self._tool_errors[key] = str(err)
             return None
         self._tools[key] = tool
@@ -336,6 +466,12 @@ class VideoMetrics(nn.Module):
         if key == "dists":
             return DISTS().to(device)
         hub_dir = Path(torch.hub.get_dir())
+        if key == "dover":
+            weights = self.dover_weights or hub_dir / DOVER_FILE
+            if not weights.is_file():
+                raise FileNotFoundError(f"dover weights not found at {weights}; download {DOVER_URL} (S-Lab License "
+                                        "1.0, non-commercial use only) there or pass dover_weights")
+            return DOVERScore(weights, device, self.dover_seed)
         weights = hub_dir / PYIQA_FILES[key]
         if not weights.is_file():
             raise FileNotFoundError(
@@ -386,6 +522,8 @@ class VideoMetrics(nn.Module):
             return ssim(pred, gt, self.crop_border, self.y_channel).mean()
         if name in ("lpips", "dists"):
             return _pair_distances(tools[0], pred, gt, batch).mean()
+        if name in VIDEO:
+            return tools[0](pred)
         if name in NO_REFERENCE:
             return torch.cat([tools[0](pred[i : i + batch]).flatten() for i in range(0, len(pred), batch)]).mean()
         if name == "ewarp":

@@ -40,8 +40,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, XLAStrategy
 from lightning.pytorch.utilities import rank_zero_info
+
+# Segments that FSDP (and its activation checkpointing) insert into the names of the parameters they wrap.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the wrapper segments FSDP inserts, as stage patterns are written."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 @dataclass
@@ -83,9 +93,11 @@ class StageSchedule(Callback):
     sets `pl_module.stage` / `pl_module.loss_weights`, rebuilds the optimizers and logs the stage index as
     "stage". A schedule whose stages all have finite `steps` ends training after the last one. Its state
     (the active stage) is saved in checkpoints, and resuming applies that stage before Lightning rebuilds
-    the optimizers and loads their states, so these match. It runs under single-device and DDP
+    the optimizers and loads their states, so these match. It runs under single-device, DDP and FSDP
     strategies; under DDP the module is re-wrapped at each switch, since DistributedDataParallel only
-    synchronises the parameters that required grad when it wrapped the module.
+    synchronises the parameters that required grad when it wrapped the module; FSDP needs
+    `use_orig_params=True`, with which it re-reads the original parameters' requires_grad at every forward,
+    and patterns match the names without FSDP's wrapper segments (`unwrapped_name`).
 
     Args:
         stages: the stages in order; only the last may have steps = -1.
@@ -127,10 +139,17 @@ class StageSchedule(Callback):
         strategy = trainer.strategy
         # Rebuilding optimizers (and re-wrapping DDP) mid-run is only sound where the strategy builds
         # them as plain torch optimizers over the module's parameters.
-        if isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)) or not isinstance(
+        if isinstance(strategy, FSDPStrategy):
+            # FSDP keeps the original parameters (and their requires_grad, read at every forward) only with
+            # use_orig_params; without it the optimizers see flat parameters frozen as they were wrapped.
+            if not strategy.kwargs.get("use_orig_params"):
+                raise ValueError("StageSchedule under FSDP needs FSDPStrategy(use_orig_params=True): stages switch "
+                                 "requires_grad on the original parameters")
+        elif isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)) or not isinstance(
             strategy, (SingleDeviceStrategy, DDPStrategy)
         ):
-            raise ValueError(f"StageSchedule supports single-device and DDP strategies, got {type(strategy).__name__}")
+            raise ValueError(f"StageSchedule supports single-device, DDP and FSDP strategies, got "
+                             f"{type(strategy).__name__}")
         names = [name for name, _ in pl_module.named_parameters()]
         known_losses = tuple(pl_module.loss_names)
         for schedule_stage in self.stages:
@@ -183,7 +202,7 @@ class StageSchedule(Callback):
         trainer, pl_module = self._trainer, self._pl_module
         stage = self.stages[index]
         for name, parameter in pl_module.named_parameters():
-            parameter.requires_grad_(stage.trains(name))
+            parameter.requires_grad_(stage.trains(unwrapped_name(name)))
         pl_module.stage = stage
         pl_module.loss_weights = dict(stage.loss_weights)
         self.current_index = index

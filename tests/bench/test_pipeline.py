@@ -1,0 +1,62 @@
+"""zoo bench --model: FLOPs against an analytic count, the group split, every field, refusal when busy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import zoo.bench.pipeline as bench
+from zoo.cli import zoo_main
+
+
+def test_flops_of_a_known_conv_net_equal_the_analytic_count(toy) -> None:
+    upscaler = toy.ToyUpscaler(toy.ToyConfig(channels=4)).eval()
+    frames = [torch.rand(3, 6, 10) for _ in range(3)]
+    flops, outputs = bench.count_flops(upscaler, frames)
+    # Per frame at 12x20 (x2 bilinear upsampling counts no FLOPs): two 3x3 convolutions, 3 -> 4 -> 3
+    # channels, each 2 * C_in * C_out * 9 FLOPs per output pixel.
+    per_frame = 2 * (3 * 4 * 9 + 4 * 3 * 9) * 12 * 20
+    assert outputs == 3 and flops["total"] == 3 * per_frame
+
+
+def test_flops_are_split_by_the_module_running_them(toy) -> None:
+    upscaler = toy.ToyUpscaler(toy.ToyConfig(channels=4)).eval()
+    bench.FLOP_GROUPS["body.0"] = "first conv"
+    try:
+        flops, _ = bench.count_flops(upscaler, [torch.rand(3, 6, 10)])
+    finally:
+        del bench.FLOP_GROUPS["body.0"]
+    assert flops["first conv"] == 2 * 3 * 4 * 9 * 12 * 20
+    assert flops["other"] == flops["total"] - flops["first conv"]
+
+
+def test_bench_emits_every_field_as_json(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    zoo_main(["bench", "--model", "stream_diffvsr", "--height", "32", "--width", "48", "--frames", "3",
+              "--busy-ok", "--json", str(out), "--vs", "frames=2"])
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    base = result["baseline"]
+    for key in ("model", "size", "device", "dtype", "threads", "load_average", "input", "output", "frames_out",
+                "first_frame_ms", "ms_per_frame", "peak_host_bytes", "flops_per_frame", "tflops",
+                "bound_flops_per_frame", "ratio_to_bound"):
+        assert key in base, key
+    assert base["input"] == [8, 12] and base["output"] == [32, 48] and base["frames_out"] == 3
+    assert base["threads"] == 1 and base["ms_per_frame"]["p10"] <= base["ms_per_frame"]["p90"]
+    groups = base["flops_per_frame"]
+    assert {"denoiser", "controlnet", "decoder", "flow"} <= set(groups)
+    assert sum(v for k, v in groups.items() if k != "total") == pytest.approx(groups["total"])
+    assert result["vs"]["frames_in"] == 2 and result["speedup"] > 0
+
+
+def test_a_busy_machine_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    with pytest.raises(ValueError, match=r"load average is 64\.0"):
+        bench.bench_pipeline(model="stream_diffvsr", height=32, width=48, frames=2)
+
+
+def test_sizes_must_fit_the_scale() -> None:
+    with pytest.raises(ValueError, match="must divide by 4"):
+        bench.bench_pipeline(model="stream_diffvsr", height=30, width=48, frames=2, busy_ok=True)

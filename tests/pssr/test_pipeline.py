@@ -1,0 +1,257 @@
+"""PSSRUpscaler: hub entry, options, 4n+1 chunks and their merging, tiles, odd sizes, weights folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from safetensors import safe_open
+
+import zoo.hub
+from zoo.components.tiling import ChunkPlan
+from zoo.hub import WeightsUnavailableError
+from zoo.pssr.network import PSSRConfig
+from zoo.pssr.pipeline import FILES, PSSRUpscaler
+
+
+@pytest.fixture(scope="module")
+def upscaler() -> PSSRUpscaler:
+    torch.manual_seed(0)
+    up = zoo.hub.load("pssr", pretrained=False, variant="tiny")
+    with torch.no_grad():  # a trained-looking net: LoRA and fusion away from their identity starts
+        for name, p in up.net.named_parameters():
+            if "lora_B" in name or name.startswith("draft.fusion."):
+                p.add_(torch.randn_like(p) * 0.02)
+    return up
+
+
+def _frames(count: int, height: int = 8, width: int = 8, seed: int = 1) -> torch.Tensor:
+    return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pretrained_error_names_the_recipe() -> None:
+    with pytest.raises(WeightsUnavailableError, match=r"lightning fit -c recipes/pssr\.yaml"):
+        zoo.hub.load("pssr")
+
+
+def test_defaults_are_the_papers_settings(upscaler: PSSRUpscaler) -> None:
+    assert (upscaler.num_steps, upscaler.alpha, upscaler.fdu_form) == (4, 0.6, "additive")
+    assert (upscaler.chunk, upscaler.chunk_overlap, upscaler.tile) == (33, 8, None)
+    assert upscaler.scale == 4 and upscaler.net.size_multiple == 4
+
+
+def test_hub_loads_in_bfloat16_with_float32_islands() -> None:
+    up = zoo.hub.load("pssr", pretrained=False, variant="tiny", dtype=torch.bfloat16)
+    assert up.dtype == torch.bfloat16 and up.net.vae.decoder.conv_out.weight.dtype == torch.float32
+    assert up.net.base.blocks[0].norm2.weight.dtype == torch.float32
+    out = up(_frames(1))
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)
+
+
+def test_one_chunk_is_the_sampler_on_the_padded_clip(upscaler: PSSRUpscaler) -> None:
+    frames = _frames(3, 9, 10)
+    out = upscaler(frames)
+    assert out.shape == (3, 3, 36, 40)
+    # 3 frames are padded to 5 (4n+1, last frame repeated) and 9 x 10 to 12 x 12 (edge replication).
+    padded = torch.cat([frames, frames[-1:].expand(2, -1, -1, -1)])
+    padded = torch.nn.functional.pad(padded, (0, 2, 0, 3), mode="replicate")
+    with torch.no_grad():
+        expected = upscaler.net(padded[None])[0, :3, :, :36, :40]
+    assert torch.equal(out, expected)
+
+
+def test_options_reach_the_sampler(upscaler: PSSRUpscaler) -> None:
+    frames = _frames(1)
+    try:
+        default = upscaler(frames)
+        upscaler.configure(num_steps=1)
+        base_only = upscaler(frames)
+        upscaler.configure(num_steps=4, alpha=0.0)
+        assert torch.equal(upscaler(frames), base_only)  # alpha = 0: the drafts add nothing
+        upscaler.configure(alpha=0.6, fdu_form="literal")
+        literal = upscaler(frames)
+        upscaler.configure(fdu_form="additive", fdu_sigma=3.0)
+        wider = upscaler(frames)
+    finally:
+        upscaler.configure(**PSSRUpscaler.options)
+    assert not torch.allclose(default, base_only, atol=1e-4)
+    assert not torch.allclose(default, literal, atol=1e-4)
+    assert not torch.allclose(default, wider, atol=1e-4)
+    assert torch.equal(upscaler(frames), default)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"num_steps": 0}, "num_steps must be a positive int"),
+    ({"alpha": -0.1}, "alpha must be >= 0"),
+    ({"fdu_form": "multiplicative"}, "fdu_form must be one of additive, literal"),
+    ({"fdu_sigma": 0}, "fdu_sigma must be positive"),
+    ({"chunk": 32}, "chunk must be a positive number of frames of the form 4n\\+1"),
+    ({"chunk": 9, "chunk_overlap": 9}, "chunk_overlap must be in \\[0, chunk\\)"),
+    ({"tile": 30}, "tile and tile_overlap must be multiples of 4"),
+    ({"tile": 32, "tile_overlap": 32}, "tile and tile_overlap must be multiples of 4"),
+])
+def test_bad_options_are_refused(options: dict, message: str) -> None:
+    up = PSSRUpscaler.from_variant("tiny")
+    with pytest.raises(ValueError, match=message):
+        up.configure(**options)
+
+
+def test_chunks_of_4n_plus_1_frames_merged_by_position(upscaler: PSSRUpscaler, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    # A stand-in sampler that shows which chunk made each output: nearest x4 plus the chunk's index.
+    calls = []
+
+    def sample(lr: torch.Tensor) -> torch.Tensor:
+        calls.append(len(lr))
+        return torch.nn.functional.interpolate(lr, scale_factor=4, mode="nearest") + len(calls)
+
+    monkeypatch.setattr(upscaler, "sample", sample)
+    frames = _frames(20)
+    upscaler.configure(chunk=9, chunk_overlap=3)
+    try:
+        out = upscaler(frames)
+    finally:
+        upscaler.configure(**PSSRUpscaler.options)
+    assert calls == [9, 9, 9]  # chunks [0, 9), [6, 15), [11, 20): the last one ends at the clip's end
+    # The same plan, merged by the components' position weights (raised-cosine cross-fades).
+    index = iter(range(1, 4))
+    expected = ChunkPlan(20, 9, 3, align="4n+1").apply(
+        lambda x: torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest") + next(index), frames)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(out[:6] - frames[:6].repeat_interleave(4, -1).repeat_interleave(4, -2), torch.ones(1))
+    assert (out[6:9] - frames[6:9].repeat_interleave(4, -1).repeat_interleave(4, -2)).mean() > 1.1  # cross-fade
+
+
+def test_stream_reads_a_generator_and_yields_on_the_models_device(upscaler: PSSRUpscaler,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upscaler, "sample",
+                        lambda lr: torch.nn.functional.interpolate(lr, scale_factor=4, mode="nearest"))
+    frames = _frames(12)
+    pulled = []
+
+    def source():
+        for index, frame in enumerate(frames):
+            pulled.append(index)
+            yield frame
+
+    upscaler.configure(chunk=5, chunk_overlap=1)
+    try:
+        stream = upscaler.stream(source())
+        first = next(stream)
+        assert len(pulled) == 10  # the first chunk [0, 5) and frames 5..9, which fix where the next one starts
+        rest = list(stream)
+    finally:
+        upscaler.configure(**PSSRUpscaler.options)
+    assert len(rest) == 11 and first.device == upscaler.device and first.dtype == torch.float32
+    with pytest.raises(ValueError, match="one size"):
+        list(upscaler.stream(iter([frames[0], frames[1, :, :4]])))
+
+
+def test_tiles_run_the_whole_sampler_and_blend(upscaler: PSSRUpscaler) -> None:
+    frames = _frames(1, 12, 16)
+    whole = upscaler(frames)
+    try:
+        upscaler.configure(tile=16, tile_overlap=8)  # one tile: the same result
+        assert torch.equal(upscaler(frames), whole)
+        upscaler.configure(tile=8, tile_overlap=4)
+        tiled = upscaler(frames)
+    finally:
+        upscaler.configure(**PSSRUpscaler.options)
+    assert tiled.shape == whole.shape and tiled.min() >= 0 and tiled.max() <= 1
+    assert not torch.equal(tiled, whole)
+
+
+def test_tiny_folder_round_trip_holds_everything(upscaler: PSSRUpscaler, tmp_path: Path) -> None:
+    upscaler.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(FILES.values())
+    with safe_open(tmp_path / FILES["draft"], "pt") as f:
+        assert all(key.startswith("draft.") for key in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    loaded = PSSRUpscaler.from_pretrained(tmp_path)
+    frames = _frames(2)
+    assert torch.equal(loaded(frames), upscaler(frames))
+
+
+def test_folder_mismatch_is_reported(upscaler: PSSRUpscaler, tmp_path: Path) -> None:
+    upscaler.save_pretrained(tmp_path)
+    (tmp_path / FILES["draft"]).unlink()
+    with pytest.raises(ValueError, match="missing"):
+        PSSRUpscaler.from_pretrained(tmp_path)
+
+
+def write_wan_folder(folder: Path, config: PSSRConfig, seed: int = 0, *, text: bool = False) -> None:
+    """A diffusers Wan2.1 folder of the tiny sizes (transformer/, vae/ and, with `text`, a tiny UMT5 and tokenizer)."""
+    torch.manual_seed(seed)
+    WanTransformer3DModel(**config.transformer).save_pretrained(folder / "transformer")
+    AutoencoderKLWan(**config.vae).save_pretrained(folder / "vae")
+    if text:
+        from tokenizers import Tokenizer, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+        words = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4}, unk_token="<unk>"))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>",
+                                unk_token="<unk>").save_pretrained(folder / "tokenizer")
+        umt5 = UMT5Config(vocab_size=5, d_model=config.transformer["text_dim"], d_kv=8, d_ff=16, num_layers=1,
+                          num_heads=2)
+        UMT5EncoderModel(umt5).save_pretrained(folder / "text_encoder")
+
+
+def test_load_base_fills_the_networks_and_wans_empty_prompt(tmp_path: Path) -> None:
+    from transformers import UMT5EncoderModel
+
+    from zoo.pssr.module import PSSRModule
+    from zoo.pssr.network import PSSRNet, encode_wan_prompt
+
+    folder = tmp_path / "wan"
+    write_wan_folder(folder, PSSRConfig.tiny(), text=True)
+    net = PSSRNet(PSSRConfig.tiny())
+    net.load_base(folder)
+    published = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")
+    assert torch.equal(net.base.blocks[4].ffn.net[2].base_layer.weight, published.blocks[4].ffn.net[2].weight)
+    assert torch.equal(net.vae.decoder.conv_out.weight,
+                       AutoencoderKLWan.from_pretrained(folder, subfolder="vae").decoder.conv_out.weight)
+    # Wan's text condition: the prompt's tokens (with the end token) under their mask, then zeros to the length.
+    encoder = UMT5EncoderModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        end_token = encoder(torch.tensor([[1]])).last_hidden_state.float()[0]
+        a_cat = encoder(torch.tensor([[3, 4, 1]])).last_hidden_state.float()[0]
+    assert net.prompt_embeds.shape == (1, 8, 32)
+    assert torch.equal(net.prompt_embeds[0, :1], end_token) and not net.prompt_embeds[0, 1:].any()
+    embeds = encode_wan_prompt(folder, ["a cat"], max_length=8)
+    assert torch.allclose(embeds[0, :3], a_cat, atol=2e-2) and not embeds[0, 3:].any()
+    # The training module's VSD models are the loaded pretrained DiT.
+    module = PSSRModule(variant="tiny", lora_rank=4, base_model=str(folder), perceptual_pretrained=False)
+    assert torch.equal(module.vsd_real.blocks[4].ffn.net[2].weight, published.blocks[4].ffn.net[2].weight)
+    assert torch.equal(module.net.prompt_embeds, net.prompt_embeds)
+
+
+def test_folder_with_base_model_omits_the_published_weights(upscaler: PSSRUpscaler, tmp_path: Path) -> None:
+    base = tmp_path / "wan"
+    config = PSSRConfig.tiny().replace(base_model=str(base))
+    write_wan_folder(base, config)
+    model = PSSRUpscaler(config)
+    model.net.load_base(base, prompt=None)
+    model.net.load_state_dict({k: v for k, v in upscaler.net.state_dict().items()
+                               if "lora_" in k or k.startswith("draft.") or k == "prompt_embeds"}, strict=False)
+    folder = model.save_pretrained(tmp_path / "export")
+    assert not (folder / FILES["base"]).exists()
+    loaded = PSSRUpscaler.from_pretrained(folder)
+    published = WanTransformer3DModel.from_pretrained(base, subfolder="transformer")
+    assert torch.equal(loaded.net.base.proj_out.weight, published.proj_out.weight)
+    frames = _frames(2)
+    assert torch.equal(loaded(frames), model(frames))
+
+
+CLIPS = Path(__file__).parents[2] / ".." / "shared" / "clips"
+
+
+@pytest.mark.skipif(not (CLIPS / "dove_002.mp4").is_file(), reason="shared clips are absent")
+def test_streams_a_real_clip_of_odd_size(upscaler: PSSRUpscaler) -> None:
+    from zoo.components.video_io import iter_frames
+
+    frames = (frame[:, :21, :27] for frame in iter_frames(CLIPS / "dove_002.mp4", max_frames=3))
+    out = list(upscaler.stream(frames))
+    assert len(out) == 3 and out[0].shape == (3, 84, 108)

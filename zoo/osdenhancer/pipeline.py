@@ -1,0 +1,410 @@
+"""`OSDEnhancerUpscaler`: one-step space-time VSR in temporal chunks of `8n + 1` output frames.
+
+Per input frame pair the upscaler builds, at the output frame rate and size (paper Sec. 3.2):
+
+- `I†_in`: the `K = temporal_scale - 1` blends of Eq. (2) between the two LR frames and the second LR
+  frame, each bilinearly upsampled by `scale` and clamped to [0, 1], then mapped to [-1, 1];
+- `I^Δ`: Eq. (3), `Up(I_{2n+1}) - Up(I_{2n-1})` on the blended frames and 0 on the key frame, raw.
+
+Both are reflect-padded, centred, to multiples of 16. Output frames are cut into chunks of `chunk`
+frames (the official schedule: starts `0, chunk - chunk_overlap, ...`, the last chunk shifted back to end
+at the clip's end), each padded to `8n + 1` frames by repeating its last frame, encoded (video, then
+residual, each drawing its posterior noise), denoised in one step and decoded on its own. Where chunks
+overlap, `overlap="drop"` keeps the earlier chunk's frames (the official pipeline) and `overlap="blend"`
+cross-fades them with raised-cosine weights (the zoo's default, no seams). `stream()` holds one chunk of
+inputs, one frame of look-ahead and the outputs still inside an overlap.
+
+Sizes of the chunk options are in OUTPUT frames, unlike the zoo's other pipelines: the transformer's
+chunk is `8n + 1` frames at the output rate, and its chunks may start between two input frames.
+
+Weights folder: the official layout (`transformer/`, `vae/`, `scheduler/`,
+`prompt_embeddings/empty.safetensors`); folders the zoo exports add a root `config.json`. See
+`from_pretrained` for how the two differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import CogVideoXDPMScheduler
+from safetensors.torch import save_file
+from torch import Tensor
+
+from zoo.components.tiling import Padding, pad_frames, pad_to_multiple, valid_length
+from zoo.components.upscaler import (
+    VideoUpscaler,
+    check_frame,
+    check_frames,
+    cpu_state,
+    from_pretrained_strict,
+    load_strict,
+    read_safetensors,
+)
+from zoo.osdenhancer.network import (
+    SE_ADAPTER,
+    OSDEnhancerConfig,
+    OSDEnhancerNet,
+    OSDEnhancerTransformer,
+    OSDEnhancerVAE,
+    interpolation_weights,
+    upsample,
+)
+
+PROMPT_FILE = "prompt_embeddings/empty.safetensors"
+PROMPT_KEY = "prompt_embedding"
+TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMER_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+EXPERT_KEYS = ("tr_rank", "tr_alpha", "se_rank", "se_alpha")
+ZOO_SETTINGS = ("timestep",)
+SIZE_MULTIPLE = 16
+"""Frames are padded to multiples of 16: the VAE's 8x times the transformer's 2x2 patches."""
+OVERLAP_MODES = ("blend", "drop")
+
+
+def chunk_starts(num_frames: int, chunk: int, overlap: int) -> list[int]:
+    """First frames of the chunks covering `num_frames` frames (the official schedule).
+
+    Chunks start `chunk - overlap` apart while they end before the clip does; the last one ends at the
+    clip's end (so it may overlap its predecessor by more). A clip of at most `chunk` frames is one chunk.
+    """
+    if num_frames <= chunk:
+        return [0]
+    step = chunk - overlap
+    starts = list(range(0, num_frames - chunk, step))
+    return [*starts, num_frames - chunk]
+
+
+def crossfade(length: int) -> list[float]:
+    """`length` raised-cosine weights rising in (0, 1); a ramp and its mirror image sum to 1 (as `ChunkPlan`)."""
+    return [0.5 - 0.5 * math.cos(math.pi * k / (length + 1)) for k in range(1, length + 1)]
+
+
+class OSDEnhancerUpscaler(VideoUpscaler):
+    """OSDEnhancer: x`scale` in space, x`temporal_scale` in time, one diffusion step per chunk.
+
+    N input frames give `(N - 1) * temporal_scale + 1` output frames (`temporal_scale - 1` between each
+    pair), so the output runs at `temporal_scale` times the input frame rate; each is
+    `floor(scale H) x floor(scale W)`.
+
+    Options (`configure`):
+        scale: spatial factor, any number >= 1 (the paper runs 4 to 16).
+        temporal_scale: temporal factor, an int >= 1.
+        chunk: output frames per chunk, `8n + 1` with n >= 1; None processes the clip as one chunk (the
+            official default, memory growing with the clip).
+        chunk_overlap: output frames shared by neighbouring chunks, in [0, chunk).
+        overlap: `"blend"` cross-fades overlapping frames, `"drop"` keeps the earlier chunk's (official).
+        seed: seed of the posterior noise when no generator is given.
+
+    Args:
+        config: the network config (`OSDEnhancerConfig.tiny()` / `.full()` or loaded).
+        net: existing networks to run (shared, not copied); built from `config` when None.
+    """
+
+    hub_name = "osdenhancer"
+    config_class = OSDEnhancerConfig
+    options: ClassVar[dict[str, Any]] = {"scale": 4, "temporal_scale": 2, "chunk": 33, "chunk_overlap": 8,
+                                         "overlap": "blend", "seed": 0}
+    temporal_scales = ()  # any int >= 1 (`check_options`)
+
+    def __init__(self, config: OSDEnhancerConfig, net: OSDEnhancerNet | None = None) -> None:
+        super().__init__(config)
+        self.net = OSDEnhancerNet(config) if net is None else net
+        # As the official pipeline: the VAE's own spatial tiles and per-sample slices bound its memory.
+        self.net.vae.enable_tiling()
+        self.net.vae.enable_slicing()
+
+    @classmethod
+    def from_net(cls, net: OSDEnhancerNet) -> OSDEnhancerUpscaler:
+        """An upscaler with a copy of `net`'s weights (the training module's networks)."""
+        return cls(net.config, net=copy.deepcopy(net))
+
+    def check_options(self) -> None:
+        scale, temporal = self.scale, self.temporal_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale >= 1:
+            raise ValueError(f"scale must be a number >= 1, got {scale!r}")
+        if isinstance(temporal, bool) or not isinstance(temporal, int) or temporal < 1:
+            raise ValueError(f"temporal_scale must be an int >= 1, got {temporal!r}")
+        if self.chunk is not None:
+            if not isinstance(self.chunk, int) or self.chunk < 9 or valid_length(self.chunk, "8n+1") != self.chunk:
+                raise ValueError(f"chunk must be None or 8n + 1 output frames with n >= 1 (9, 17, 25, 33, ...), "
+                                 f"got {self.chunk!r}")
+            if not isinstance(self.chunk_overlap, int) or not 0 <= self.chunk_overlap < self.chunk:
+                raise ValueError(f"chunk_overlap must be an int in [0, chunk={self.chunk}), got "
+                                 f"{self.chunk_overlap!r}")
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(f"overlap must be 'blend' or 'drop', got {self.overlap!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    # Inputs ---------------------------------------------------------------------------------
+
+    def output_rate_frames(self, frames: Iterable[Tensor]) -> Iterator[tuple[Tensor, Tensor, Padding]]:
+        """`(I†_in, I^Δ, padding)` per output frame, `(3, H', W')` on the model's device, float32.
+
+        `I†_in` is in [-1, 1]; both are reflect-padded (centred) to multiples of 16 and `padding` says how
+        much. Eq. (2) blends the LR frames before upsampling and Eq. (3) differences the upsampled key
+        frames, as the official pipeline does.
+        """
+        scale, num_interpolated = self.scale, self.temporal_scale - 1
+        previous = previous_up = None
+        for frame in frames:
+            check_frame(frame)
+            if previous is not None and frame.shape != previous.shape:
+                raise ValueError(f"every frame of a clip must have one size; got {tuple(frame.shape[-2:])} after "
+                                 f"frames of {tuple(previous.shape[-2:])}")
+            current = frame.to(self.device, torch.float32)
+            current_up = upsample(current, scale)
+            key_video, padding = pad_to_multiple(current_up * 2 - 1, SIZE_MULTIPLE, "reflect", centred=True)
+            zero = torch.zeros_like(key_video)
+            if previous is not None:
+                residual, _ = pad_to_multiple(current_up - previous_up, SIZE_MULTIPLE, "reflect", centred=True)
+                for k in range(1, num_interpolated + 1):
+                    w_left, w_right = interpolation_weights(k, num_interpolated)
+                    blend = upsample(w_left * previous + w_right * current, scale)  # Eq. (2), OSDEnhancer
+                    video, _ = pad_to_multiple(blend * 2 - 1, SIZE_MULTIPLE, "reflect", centred=True)
+                    yield video, residual, padding  # Eq. (3), OSDEnhancer: I^Δ = Up(I_{2n+1}) - Up(I_{2n-1})
+            yield key_video, zero, padding  # I^Δ = 0 on key frames (L98)
+            previous, previous_up = current, current_up
+
+    def chunks(self, items: Iterable[Any]) -> Iterator[tuple[int, list[Any]]]:
+        """`(start, items)` of each chunk of a stream, on the `chunk_starts` schedule, without its length.
+
+        Holds the last `chunk + 1` items: a chunk and one item of look-ahead, which tells whether the clip
+        goes on after it; when it ends, its last chunk is among them.
+        """
+        source = iter(items)
+        if self.chunk is None:
+            everything = list(source)
+            if everything:
+                yield 0, everything
+            return
+        chunk, step = self.chunk, self.chunk - self.chunk_overlap
+        window: deque[Any] = deque(maxlen=chunk + 1)
+        read = start = 0
+        while True:
+            while read < start + chunk + 1:
+                item = next(source, None)
+                if item is None:
+                    break
+                window.append(item)
+                read += 1
+            first = read - len(window)  # index of window[0] in the clip
+            if read <= start + chunk:  # the clip ends inside this chunk: the last chunk ends with it
+                if read:
+                    last = max(read - chunk, 0)
+                    yield last, list(window)[last - first:]
+                return
+            yield start, list(window)[start - first : start - first + chunk]
+            start += step
+
+    # Running --------------------------------------------------------------------------------
+
+    def upscale_chunk(self, items: list[tuple[Tensor, Tensor, Padding]],
+                      generator: torch.Generator | None) -> Tensor:
+        """Output frames `(T, 3, sH, sW)` in [0, 1] of one chunk of `output_rate_frames` items."""
+        length = len(items)
+        padded = valid_length(length, "8n+1")
+        video = pad_frames(torch.stack([item[0] for item in items]), padded)
+        residual = pad_frames(torch.stack([item[1] for item in items]), padded)
+        dtype = self.net.vae.dtype
+        decoded = self.net.upscale_clip(video.transpose(0, 1)[None].to(dtype),
+                                        residual.transpose(0, 1)[None].to(dtype), generator)
+        frames = items[0][2].crop(decoded[0, :, :length].transpose(0, 1))
+        return (frames * 0.5 + 0.5).clamp(0, 1)
+
+    def default_generator(self) -> torch.Generator:
+        """A generator on the model's device seeded with the `seed` option."""
+        return torch.Generator(self.device).manual_seed(self.seed)
+
+    @torch.no_grad()
+    def stream(self, frames: Iterable[Tensor], generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Upscale frames `(3, H, W)` in [0, 1] arriving one at a time; yields `(3, sH, sW)` on the model's device.
+
+        Args:
+            frames: the input frames.
+            generator: noise of the posterior samples, drawn per chunk in order (video latents, then residual
+                latents); a generator on the model's device seeded with S reproduces the official pipeline
+                after `torch.manual_seed(S)`. None: a fresh one seeded with the `seed` option.
+        """
+        generator = self.default_generator() if generator is None else generator
+        drop = self.overlap == "drop"
+        emitted = 0  # output frames yielded so far
+        waiting: tuple[int, Tensor] | None = None  # a blended chunk's (start, frames) until its successor's start
+        previous_stop = 0  # end of the chunk before `waiting`
+        canvas: list[Tensor] = []  # running means of output frames [emitted, ...) not final yet
+        weights: list[float] = []
+        any_chunk = False
+        for start, items in self.chunks(self.output_rate_frames(frames)):
+            any_chunk = True
+            out = self.upscale_chunk(items, generator)
+            if drop:  # the earlier chunk's frames win
+                yield from out[emitted - start:].unbind(0)
+                emitted = start + len(out)
+                continue
+            if waiting is not None:
+                yield from self._settle(waiting, previous_stop, start, canvas, weights, emitted)
+                emitted, previous_stop = start, waiting[0] + len(waiting[1])
+            waiting = (start, out)
+        if waiting is not None:
+            yield from self._settle(waiting, previous_stop, None, canvas, weights, emitted)
+        if not any_chunk:
+            raise ValueError("frames must hold at least one frame, got none")
+
+    @staticmethod
+    def _settle(chunk: tuple[int, Tensor], previous_stop: int, next_start: int | None, canvas: list[Tensor],
+                weights: list[float], emitted: int) -> Iterator[Tensor]:
+        """Blend a chunk into `canvas` now that its neighbours are known and yield the frames now final.
+
+        The chunk's weight ramps up over its overlap with the previous chunk and down over its overlap
+        with the next one (`crossfade`); each canvas frame is the running weighted mean of the chunks on it.
+        """
+        start, out = chunk
+        stop = start + len(out)
+        chunk_weights = [1.0] * len(out)
+        if previous_stop > start:
+            for i, w in enumerate(crossfade(previous_stop - start)):
+                chunk_weights[i] *= w
+        if next_start is not None and stop > next_start:
+            for i, w in enumerate(reversed(crossfade(stop - next_start))):
+                chunk_weights[next_start - start + i] *= w
+        while emitted + len(canvas) < stop:
+            canvas.append(torch.zeros_like(out[0]))
+            weights.append(0.0)
+        for i, (frame, w) in enumerate(zip(out, chunk_weights)):
+            j = start + i - emitted
+            weights[j] += w
+            canvas[j] = torch.lerp(canvas[j], frame, w / weights[j])
+        final = len(canvas) if next_start is None else next_start - emitted
+        yield from canvas[:final]
+        del canvas[:final], weights[:final]
+
+    @torch.no_grad()
+    def forward(self, frames: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Upscale a clip `(N, 3, H, W)` in [0, 1]; returns `((N - 1) * temporal_scale + 1, 3, sH, sW)`."""
+        check_frames(frames)
+        return torch.stack(list(self.stream(frames.unbind(0), generator=generator)))
+
+    # Hub folders ----------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the official layout plus the zoo's `config.json`.
+
+        `transformer/` holds the diffusers config of `OSDEnhancerTransformer` (the experts' ranks included)
+        and one safetensors file whose keys are the official ones (the SE adapter in peft's layout
+        `<layer>.base_layer.weight`, `<layer>.lora_A.TE_lora.weight`, ...).
+        """
+        folder = Path(folder)
+        net = self.net
+        (folder / "transformer").mkdir(parents=True, exist_ok=True)
+        net.transformer.save_config(folder / "transformer")
+        save_file(cpu_state(net.transformer.state_dict()), folder / "transformer" / TRANSFORMER_WEIGHTS,
+                  metadata={"format": "pt"})
+        net.vae.save_pretrained(folder / "vae")
+        net.scheduler.save_pretrained(folder / "scheduler")
+        (folder / PROMPT_FILE).parent.mkdir(exist_ok=True)
+        save_file({PROMPT_KEY: net.prompt_embedding[0].detach().cpu().contiguous()}, folder / PROMPT_FILE)
+        self.write_config(folder, {key: getattr(self.config, key) for key in ZOO_SETTINGS})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> OSDEnhancerUpscaler:
+        """Build from an official or exported folder, every weight matching strictly.
+
+        The two kinds of folder hold the same keys and differ in what the SE adapter `TE_lora` means:
+
+        - Official checkpoints (no root `config.json`). The official loader wraps the transformer with peft,
+          calls `merge_adapter()` on freshly initialised random `TE_lora` weights, which flags every adapted
+          layer as merged, and then `load_state_dict(strict=False)` overwrites `base_layer.weight` and the
+          `TE_lora` tensors with the file's. A merged layer's forward is `base_layer(x)`, so the file's
+          `TE_lora` tensors are loaded but never used: the official function is the plain linear layer with
+          `base_layer.weight`. (Disabling the adapters afterwards would unmerge, giving `W - B A`.) This
+          loader reproduces that function: it builds the transformer without the SE adapter, loads
+          `base_layer.weight` / `base_layer.bias` as the layers' own weights and drops the `TE_lora`
+          tensors after checking that every adapted layer has them.
+        - Folders the zoo exports (root `config.json` with hub name `osdenhancer`). The SE expert the zoo
+          trained is stored in the same layout and applied once, `W z + B_SE A_SE z` (Eq. 7), with the ranks
+          of `transformer/config.json`.
+        """
+        folder = Path(folder)
+        settings = cls.read_config_data(folder, required=False)
+        official = settings is None
+        settings = settings or {}
+        unknown = sorted(set(settings) - set(ZOO_SETTINGS))
+        if unknown:
+            raise ValueError(f"{folder}/config.json has unknown setting(s) {', '.join(unknown)}")
+        if not (folder / "transformer" / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a complete weights folder: transformer/config.json is missing")
+        transformer_config = OSDEnhancerTransformer.load_config(folder / "transformer")
+        with torch.device("meta"):
+            transformer = OSDEnhancerTransformer.from_config(transformer_config, **({"se_rank": 0} if official else {}))
+        state = read_transformer_state(folder / "transformer")
+        if official:
+            state = official_transformer_state(state)
+        load_strict(transformer, {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                    source=f"{folder}/transformer", assign=True)
+        vae = from_pretrained_strict(OSDEnhancerVAE, folder, "vae")
+        if not (folder / "scheduler" / "scheduler_config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a complete weights folder: scheduler/scheduler_config.json "
+                                    f"is missing")
+        scheduler = CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        prompts = read_safetensors(folder / PROMPT_FILE)
+        if PROMPT_KEY not in prompts or prompts[PROMPT_KEY].ndim != 2:
+            raise ValueError(f"{folder / PROMPT_FILE} must hold '{PROMPT_KEY}', an (L, D) embedding")
+        prompt = prompts[PROMPT_KEY].float()[None]
+        resolved = _public(transformer.config)
+        config = OSDEnhancerConfig(
+            transformer={k: v for k, v in resolved.items() if k not in EXPERT_KEYS}, vae=_public(vae.config),
+            scheduler=_public(scheduler.config), prompt_length=prompt.shape[1],
+            **{key: resolved[key] for key in EXPERT_KEYS}, **settings,
+        )
+        return cls(config, net=OSDEnhancerNet.from_components(config, transformer, vae, scheduler, prompt))
+
+
+def read_transformer_state(folder: Path) -> dict[str, Tensor]:
+    """All tensors of a transformer folder: the shards its index names, else its one safetensors file."""
+    index = folder / TRANSFORMER_INDEX
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [TRANSFORMER_WEIGHTS]
+    state: dict[str, Tensor] = {}
+    for name in files:
+        state.update(read_safetensors(folder / name))
+    return state
+
+
+def official_transformer_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The official transformer's weights as the function the official loader computes (see `from_pretrained`).
+
+    `<layer>.base_layer.{weight,bias}` become `<layer>.{weight,bias}`; `<layer>.lora_{A,B}.TE_lora.weight`
+    are dropped, after checking that exactly the layers with a `base_layer` have both.
+    """
+    adapted = {key.split(".base_layer.")[0] for key in state if ".base_layer." in key}
+    factors: dict[str, set[str]] = {}
+    out = {}
+    for key, value in state.items():
+        for factor in ("lora_A", "lora_B"):
+            marker = f".{factor}.{SE_ADAPTER}."
+            if marker in key:
+                factors.setdefault(key.split(marker)[0], set()).add(factor)
+                break
+        else:
+            out[key.replace(".base_layer.", ".")] = value
+    complete = {layer for layer, found in factors.items() if found == {"lora_A", "lora_B"}}
+    if complete != adapted or set(factors) != adapted:
+        odd = sorted(adapted ^ complete | set(factors) - complete)
+        raise ValueError(f"the official transformer must hold {SE_ADAPTER} lora_A and lora_B for exactly its peft "
+                         f"base layers; {len(odd)} layer(s) differ, e.g. {odd[0]}")
+    return out
+
+
+def _public(config: Any) -> dict[str, Any]:
+    """A diffusers config as plain JSON-able data without its private (`_`) keys."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}

@@ -1,0 +1,210 @@
+"""`PSSRUpscaler`: x4 speculative diffusion over overlapping 4N+1-frame chunks, optionally in spatial tiles.
+
+A clip is cut into chunks of `chunk` frames (33 = 4 * 8 + 1: nine latent frames of the Wan VAE) that
+overlap by `chunk_overlap` frames; each chunk runs the whole sampler (encode, one base step, T - 1
+draft steps with the frequency-domain update) and the overlaps are merged with position-weighted
+averaging (raised-cosine weights, `zoo.components.tiling`): the paper's "overlapping clip splitting
+and merging ... temporal position-aware averaging" (L304, whose details are in a supplement we do
+not have). The last chunk ends at the clip's end; a clip shorter than a chunk is one chunk, padded
+to 4n+1 frames by repeating its last frame. `stream()` holds one chunk of LR frames (and reads ahead
+to the next chunk's start) and the HR frames still inside an overlap.
+
+With `tile`, each chunk runs tile by tile (LR tiles of `tile` pixels overlapping by `tile_overlap`,
+blended on the HR output): the draft reads the base's features token by token and the
+frequency-domain update needs the whole sampler's `x`, so tiles run the whole sampler, not one DiT.
+
+Weights folder (`save_pretrained` / `from_pretrained`):
+
+- `config.json`: `{"hub_name": "pssr", "config": PSSRConfig}`;
+- `adapters.safetensors`: the base's LoRA;
+- `draft.safetensors`: the whole draft (pruned DiT and fusion layers);
+- `prompt_embeds.safetensors`: the text condition (the empty prompt's UMT5 embedding);
+- `base.safetensors`: the base DiT and VAE weights, only when `config.base_model` is None; otherwise
+  they load from that Wan2.1 folder or Hub id, so a model trained from Wan2.1 carries only what
+  training made.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from zoo.components.tiling import TilePlan, pad_to_multiple, stream_chunks, valid_length
+from zoo.components.upscaler import VideoUpscaler, check_frame, check_frames, cpu_state, read_safetensors
+from zoo.pssr.network import ALPHA, FDU_FORMS, FDU_SIGMA, NUM_STEPS, PSSRConfig, PSSRNet
+
+FILES = {
+    "adapters": "adapters.safetensors",
+    "draft": "draft.safetensors",
+    "prompt": "prompt_embeds.safetensors",
+    "base": "base.safetensors",
+}
+
+
+def weight_group(key: str) -> str:
+    """Which file of a weights folder holds the state-dict entry `key` of a `PSSRNet`."""
+    if "lora_" in key:
+        return "adapters"
+    if key.startswith("draft."):
+        return "draft"
+    if key == "prompt_embeds":
+        return "prompt"
+    return "base"
+
+
+def published_keys(net: PSSRNet) -> set[str]:
+    """Base DiT and VAE weights restored from `config.base_model` rather than saved (none without one)."""
+    if net.config.base_model is None:
+        return set()
+    return {key for key in net.state_dict() if weight_group(key) == "base"}
+
+
+class PSSRUpscaler(VideoUpscaler):
+    """PS-SR x4 upscaler: one Wan2.1 base step, T - 1 pruned-draft steps, frequency-domain update.
+
+    Options (`configure`):
+
+    - `num_steps`: T, the speculative steps (4, L164; 1 runs the base alone).
+    - `alpha`: the refinement strength of the frequency-domain update (0.6, L164).
+    - `fdu_form`: `"additive"` (default) or `"literal"` (Eq. 14 as printed); see
+      `zoo.pssr.network.updated_high_band` for why.
+    - `fdu_sigma`: the FDU high-pass's Gaussian standard deviation in HR pixels.
+    - `chunk`: LR frames per chunk, of the form 4n+1.
+    - `chunk_overlap`: frames shared by neighbouring chunks.
+    - `tile`: side of square LR tiles (a multiple of 4), or None for whole frames.
+    - `tile_overlap`: overlap of neighbouring tiles in LR pixels (a multiple of 4).
+
+    Args:
+        config: the network config (`PSSRConfig.tiny()` / `.full()` or loaded).
+        net: an existing network to wrap; a new one is built from `config` when None.
+    """
+
+    hub_name = "pssr"
+    config_class = PSSRConfig
+    options: ClassVar[dict[str, Any]] = {
+        "num_steps": NUM_STEPS,
+        "alpha": ALPHA,
+        "fdu_form": "additive",
+        "fdu_sigma": FDU_SIGMA,
+        "chunk": 33,
+        "chunk_overlap": 8,
+        "tile": None,
+        "tile_overlap": 32,
+    }
+    scales = (4,)
+
+    def __init__(self, config: PSSRConfig, net: PSSRNet | None = None) -> None:
+        super().__init__(config)
+        self.net = PSSRNet(config) if net is None else net
+        self.scale = config.scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The DiTs' compute dtype (the VAE and the DiTs' float32 islands stay float32 under a half dtype)."""
+        return self.net.dit_dtype
+
+    def check_options(self) -> None:
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
+        if self.fdu_form not in FDU_FORMS:
+            raise ValueError(f"fdu_form must be one of {', '.join(FDU_FORMS)}, got {self.fdu_form!r}")
+        if not self.fdu_sigma > 0:
+            raise ValueError(f"fdu_sigma must be positive, got {self.fdu_sigma!r}")
+        if self.chunk < 1 or valid_length(self.chunk, "4n+1") != self.chunk:
+            raise ValueError(f"chunk must be a positive number of frames of the form 4n+1, got {self.chunk}")
+        if not 0 <= self.chunk_overlap < self.chunk:
+            raise ValueError(f"chunk_overlap must be in [0, chunk), got {self.chunk_overlap} with chunk {self.chunk}")
+        multiple = self.net.size_multiple
+        if self.tile is not None and (self.tile < multiple or self.tile % multiple or self.tile_overlap % multiple
+                                      or not 0 <= self.tile_overlap < self.tile):
+            raise ValueError(f"tile and tile_overlap must be multiples of {multiple} with 0 <= tile_overlap < tile, "
+                             f"got {self.tile} and {self.tile_overlap}")
+
+    def sample(self, lr: Tensor) -> Tensor:
+        """The sampler on LR frames `(T, 3, h, w)` (`T = 4n + 1`, sizes multiples of `net.size_multiple`)."""
+        return self.net(lr[None], num_steps=self.num_steps, alpha=self.alpha, fdu_form=self.fdu_form,
+                        fdu_sigma=self.fdu_sigma)[0]
+
+    @torch.no_grad()
+    def upscale_chunk(self, lr: Tensor) -> Tensor:
+        """HR frames `(L, 3, sH, sW)` in [0, 1] of one chunk `(L, 3, H, W)`, `L = 4n + 1`, any `H`, `W`.
+
+        Frames are padded (edge replication) to the network's size multiple and the output is
+        cropped back; with `tile`, the sampler runs on blended tiles.
+        """
+        check_frames(lr)  # values once per chunk: one device sync, not one per frame
+        lr, padding = pad_to_multiple(lr.to(self.device, torch.float32), self.net.size_multiple)
+        if self.tile is None:
+            hr = self.sample(lr)
+        else:
+            hr = TilePlan(*lr.shape[-2:], self.tile, self.tile_overlap, scale=self.scale).apply(self.sample, lr)
+        return padding.crop(hr, self.scale)
+
+    def stream(self, frames: Iterable[Tensor]) -> Iterator[Tensor]:
+        """Upscale frames `(3, H, W)` in [0, 1] arriving one at a time; yields `(3, 4H, 4W)` on the model's device."""
+        return stream_chunks(self.upscale_chunk, _checked_shapes(frames), self.chunk, self.chunk_overlap,
+                             align="4n+1")
+
+    @classmethod
+    def from_net(cls, net: PSSRNet) -> PSSRUpscaler:
+        """An upscaler with a copy of `net`'s weights (the training module's networks)."""
+        return cls(net.config, net=copy.deepcopy(net))
+
+    # Hub folders -------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `config.json` and the safetensors files listed in the module docstring."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.write_config(folder)
+        published = published_keys(self.net)
+        groups: dict[str, dict[str, Tensor]] = {name: {} for name in FILES}
+        for key, value in cpu_state(self.net.state_dict()).items():
+            if key not in published:
+                groups[weight_group(key)][key] = value
+        for name, state in groups.items():
+            if state:
+                save_file(state, folder / FILES[name], metadata={"format": "pt"})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> PSSRUpscaler:
+        """Build from a folder written by `save_pretrained` (loading Wan2.1 when its config names it)."""
+        folder = Path(folder)
+        model = cls(cls.read_config(folder))
+        if model.config.base_model is not None:
+            model.net.load_base(model.config.base_model, prompt=None)
+        state: dict[str, Tensor] = {}
+        for name in FILES.values():
+            if (folder / name).is_file():
+                state.update(read_safetensors(folder / name))
+        expected = set(model.net.state_dict()) - published_keys(model.net)
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            example = (missing or unexpected)[0]
+            raise ValueError(f"{folder} does not match its config: {len(missing)} missing and {len(unexpected)} "
+                             f"unexpected weights, e.g. {example}")
+        model.net.load_state_dict(state, strict=False)
+        return model
+
+
+def _checked_shapes(frames: Iterable[Tensor]) -> Iterator[Tensor]:
+    """`frames`, each checked to be `(3, H, W)` of one size; values are checked per chunk (`upscale_chunk`)."""
+    size = None
+    for frame in frames:
+        if not isinstance(frame, Tensor) or frame.ndim != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
+            check_frame(frame)  # raises the zoo's one-sentence error for this frame
+        if size is None:
+            size = frame.shape
+        elif frame.shape != size:
+            raise ValueError(f"every frame of a clip must have one size; got {tuple(frame.shape)} after "
+                             f"{tuple(size)}")
+        yield frame
