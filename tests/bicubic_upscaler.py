@@ -6,7 +6,8 @@ makes it the hub entry "bicubic" in this process; subprocesses call it through `
 
 Test hooks, read from the environment of the process:
 - `ZOO_TEST_STREAM_LOG`: a file that gets one line per `stream()` started (pid and frame size);
-- `ZOO_TEST_KILL_AT_STREAM`: SIGKILL this process on the 2nd frame of its N-th stream;
+- `ZOO_TEST_KILL_AT_STREAM`: SIGKILL this process on the 2nd frame of its N-th stream (only the
+  process of rank `ZOO_TEST_KILL_RANK` when that is set);
 - `ZOO_TEST_SECONDS_PER_FRAME`: sleep that long per frame (a slow model to interrupt).
 """
 
@@ -100,6 +101,8 @@ class BicubicUpscaler(VideoUpscaler):
     def _hooked(self, frames: Iterable[Tensor]) -> Iterator[Tensor]:
         BicubicUpscaler.streams_started += 1
         kill_at = int(os.environ.get("ZOO_TEST_KILL_AT_STREAM", "0"))
+        if os.environ.get("ZOO_TEST_KILL_RANK", os.environ.get("LOCAL_RANK", "0")) != os.environ.get("LOCAL_RANK", "0"):
+            kill_at = 0
         delay = float(os.environ.get("ZOO_TEST_SECONDS_PER_FRAME", "0"))
         for index, frame in enumerate(frames):
             if index == 0 and os.environ.get("ZOO_TEST_STREAM_LOG"):

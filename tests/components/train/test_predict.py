@@ -82,3 +82,22 @@ def test_a_killed_run_restarted_completes_the_rest(videos: Path, tmp_path: Path)
     final = outputs(out)
     assert sorted(final) == sorted(NAMES) and all(final[name] == inode for name, inode in done.items())
     assert len(streams(log)) == 4 + 3
+
+
+def test_one_rank_killed_and_the_job_restarted_writes_each_output_once(videos: Path, tmp_path: Path) -> None:
+    out, log = tmp_path / "out", tmp_path / "streams.log"
+    # Rank 1 is killed in its 2nd video; Lightning's launcher then kills rank 0 (wherever it is).
+    killed = predict(videos, out, log, ZOO_TEST_KILL_AT_STREAM="2", ZOO_TEST_KILL_RANK="1")
+    assert killed.returncode != 0
+    done = outputs(out)
+    assert 1 <= len(done) < len(NAMES)  # rank 1's first video at least; not its 2nd
+    started = len(streams(log))
+    restart = predict(videos, out, log)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    final = outputs(out)
+    # Every output exists once; none written in the first run was written again; the restart
+    # upscaled exactly the missing ones.
+    assert sorted(final) == sorted(NAMES) and all(final[name] == inode for name, inode in done.items())
+    assert len(streams(log)) - started == len(NAMES) - len(done)
+    for name in NAMES:
+        assert probe_video(out / name).num_frames == 2
