@@ -86,11 +86,12 @@ def test_a_killed_run_restarted_completes_the_rest(videos: Path, tmp_path: Path)
 
 def test_one_rank_killed_and_the_job_restarted_writes_each_output_once(videos: Path, tmp_path: Path) -> None:
     out, log = tmp_path / "out", tmp_path / "streams.log"
-    # Rank 1 is killed in its 2nd video; Lightning's launcher then kills rank 0 (wherever it is).
-    killed = predict(videos, out, log, ZOO_TEST_KILL_AT_STREAM="2", ZOO_TEST_KILL_RANK="1")
-    assert killed.returncode != 0
+    # Rank 1 is killed in its 2nd video. Rank 0 goes on with its own videos; whether it finishes them
+    # or Lightning's launcher kills it first (it polls its ranks every 5 s) depends on timing, so only
+    # the outputs are checked: rank 1's 2nd and 3rd videos are missing.
+    predict(videos, out, log, ZOO_TEST_KILL_AT_STREAM="2", ZOO_TEST_KILL_RANK="1")
     done = outputs(out)
-    assert 1 <= len(done) < len(NAMES)  # rank 1's first video at least; not its 2nd
+    assert 1 <= len(done) <= len(NAMES) - 2  # rank 1's first video at least; not its 2nd and 3rd
     started = len(streams(log))
     restart = predict(videos, out, log)
     assert restart.returncode == 0, restart.stderr[-3000:]
