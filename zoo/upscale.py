@@ -683,7 +683,7 @@ def _upscaler_class(name: str) -> type[VideoUpscaler]:
     return upscaler_class(name)
 
 
-def _planned_scale(cls: type[VideoUpscaler], user: dict[str, Any]) -> int:
+def _planned_scale(cls: type[VideoUpscaler], user: dict[str, Any]) -> int | float:
     """The spatial factor the run will have, as far as the class tells before its weights load."""
     if "scale" in user:
         return user["scale"]
