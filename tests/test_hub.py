@@ -71,6 +71,23 @@ def test_export_folder_round_trip(toy, tmp_path):
     assert torch.equal(loaded(frames), model(frames))
 
 
+@pytest.mark.parametrize("name", [*hub.list_models(), "toy"])
+def test_exported_files_get_the_usual_permissions(request, tmp_path, name):
+    import os
+    import stat
+
+    if name == "toy":
+        request.getfixturevalue("toy")
+    umask = os.umask(0o022)
+    try:
+        folder = hub.export(hub.load(name, pretrained=False, variant="tiny"), tmp_path / "export")
+    finally:
+        os.umask(umask)
+    modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o644}, modes  # safetensors alone would leave its files at 0600
+
+
 def test_load_from_offline_hub_cache(toy, tmp_path, hub_cache):
     model = hub.load("toy", pretrained=False, variant="full")
     hub_cache(hub.export(model, tmp_path / "export"), "org/toy")

@@ -23,6 +23,7 @@ _EXPORTS = {
     "read_video": "zoo.components.video_io",
     "write_video": "zoo.components.video_io",
     "iter_frames": "zoo.components.video_io",
+    "upscale_video": "zoo.upscale",
     "VideoUpscaler": "zoo.components.upscaler",
 }
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from zoo import upscale
 from zoo.assets import asset_dir
+from zoo.hub import MissingExtraError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CONFIG_FLAGS = ("-c", "--config")
@@ -144,46 +147,6 @@ def _hub_card(ns: argparse.Namespace) -> None:
     print(render_card(ns.name, repo_id=ns.repo_id))
 
 
-def _check_output(output: str) -> None:
-    from zoo.components.video_io import VIDEO_EXTENSIONS
-
-    if output == "-":
-        return
-    path = Path(output)
-    suffix = path.suffix.lower()
-    if suffix and "%" not in path.name and suffix not in VIDEO_EXTENSIONS:
-        raise ValueError(f"cannot write {output}: unknown extension {suffix} (use {', '.join(VIDEO_EXTENSIONS)}, "
-                         f"a folder, or -)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {output}: folder {path.parent} does not exist")
-
-
-def _upscale(ns: argparse.Namespace) -> None:
-    import torch
-
-    from zoo.components import video_io
-    from zoo.hub import load
-
-    # Both ends are checked before the (slow) model load, so bad paths fail at once.
-    _check_output(ns.output)
-    if ns.input == "-":
-        frames = video_io.iter_y4m(sys.stdin.buffer)
-        fps = frames.fps
-    else:
-        fps = video_io.probe_video(ns.input).fps
-        frames = video_io.iter_frames(ns.input)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
-    model = load(ns.model, pretrained=not ns.random_weights, variant=ns.variant, weights=ns.weights,
-                 device=device, dtype=getattr(torch, ns.dtype))
-    lr = (frame.to(device, model.dtype) for frame in frames)
-    hr = (frame.float().clamp(0, 1).cpu() for frame in model.stream(lr))
-    out_fps = fps * model.temporal_scale
-    if ns.output == "-":
-        video_io.write_y4m(sys.stdout.buffer, hr, out_fps)
-    else:
-        video_io.write_video(ns.output, hr, out_fps, crf=ns.crf, audio_from=None if ns.input == "-" else ns.input)
-
-
 def _literal(text: str) -> object:
     import ast
 
@@ -277,18 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", help="the Hub repo the card should name")
     p.set_defaults(run=_hub_card)
 
-    p = commands.add_parser("upscale", help="upscale a video file, frame folder or y4m pipe")
-    p.add_argument("input", help="video file, frame folder, or - for y4m frames on stdin")
-    p.add_argument("output", help="video file (.mp4/.mkv/.webm/...), frame folder, or - for y4m on stdout")
-    p.add_argument("--model", required=True, choices=names, help="hub name")
-    p.add_argument("--weights", help="a weights folder or Hub repo id (default: the registry's weights)")
-    p.add_argument("--variant", default="full", choices=("full", "tiny"),
-                   help="network size with --random-weights")
-    p.add_argument("--random-weights", action="store_true", help="random init instead of pretrained weights")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better)")
-    p.set_defaults(run=_upscale)
+    upscale.add_parser(commands)
 
     add_evaluate_parser(commands, names)
 
@@ -316,26 +268,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can cause (bad paths, bad videos, missing weights): their message, exit 1. Anything
-# else is a bug of ours and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+# Errors a user can cause (bad arguments, paths or videos, missing weights or extras): their message,
+# exit 2 like argparse's usage errors. Anything else is a bug of ours: its traceback, exit 1.
+USER_ERRORS = (ValueError, OSError, MissingExtraError)
+EXIT_USAGE = 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that writes in progress delete their temporary files."""
+    raise SystemExit(EXIT_SIGTERM)
 
 
 def zoo_main(args: Sequence[str] | None = None) -> None:
-    """The `zoo` command."""
+    """The `zoo` command. Exit codes: 0 done, 2 bad input or arguments, 1 internal error, 130/143 on SIGINT/SIGTERM."""
     quiet_third_party()
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] in LIGHTNING_SUBCOMMANDS:
         lightning_main(args)
         return
     ns = build_parser().parse_args(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         ns.run(ns)
     except BrokenPipeError:
         # The reader went away (`zoo hub card x | head`): not an error of ours.
         sys.stderr.close()
         raise SystemExit(0) from None
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_SIGINT) from None
+    except SystemExit as exit_:
+        if exit_.code == EXIT_SIGTERM:
+            print("zoo: terminated", file=sys.stderr)
+        raise
     except USER_ERRORS as err:
         message = str(err).strip() or type(err).__name__
         print(f"zoo: error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_USAGE) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

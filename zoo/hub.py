@@ -108,6 +108,19 @@ class WeightsUnavailableError(OSError):
     """Weights could not be found locally or downloaded."""
 
 
+class MissingExtraError(ImportError):
+    """A feature needs an optional extra (e.g. `train`) that is not installed."""
+
+
+def require_train_extra(feature: str) -> None:
+    """Raise `MissingExtraError` naming `feature` when Lightning (the train extra) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("lightning") is None:
+        raise MissingExtraError(f"{feature} needs the train extra (lightning is not installed): "
+                                f"pip install 'vsr-zoo[train]'")
+
+
 class WeightsIntegrityError(ValueError):
     """A weights file differs from the digest recorded for it: damaged, truncated or changed."""
 
@@ -327,15 +340,36 @@ def validate_card(card: ModelCard) -> None:
 # Export / push ----------------------------------------------------------------------------
 
 def export(model: VideoUpscaler, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:
-    """Write a Hub-ready folder: the model's weights and config plus its rendered card as README.md."""
+    """Write a Hub-ready folder: the model's weights and config plus its rendered card as README.md.
+
+    Every file gets the permissions `open()` gives (0644 under the usual umask 022): safetensors
+    writes its files private (0600), which would keep a shared or served folder from being read.
+    """
     folder = model.save_pretrained(folder)
     render_card(model.hub_name, repo_id=repo_id).save(folder / "README.md")
+    mode = _default_file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
     write_checksums(folder)
     return folder
 
 
+def _default_file_mode() -> int:
+    """0o666 less the process umask, the mode `open()` creates files with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def upscaler_from_checkpoint(ckpt: str | os.PathLike) -> VideoUpscaler:
-    """The `VideoUpscaler` of a Lightning checkpoint written by a zoo LightningModule (needs the train extra)."""
+    """The `VideoUpscaler` of a Lightning checkpoint written by a zoo LightningModule (needs the train extra).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable zoo checkpoint.
+        MissingExtraError: Lightning is not installed.
+    """
     import pickle
 
     import torch
@@ -352,9 +386,10 @@ def upscaler_from_checkpoint(ckpt: str | os.PathLike) -> VideoUpscaler:
     name = state.get("zoo", {}).get("hub_name") if isinstance(state, dict) else None
     if name is None:
         raise ValueError(f"{ckpt} was not written by a vsr-zoo LightningModule (no 'zoo' entry)")
+    require_train_extra(f"reading the Lightning checkpoint {ckpt}")
     module_cls = import_object(get_cfg(name).module)
     module = module_cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    return module.to_upscaler()
+    return module.to_upscaler().eval()
 
 
 def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:

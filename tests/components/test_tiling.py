@@ -50,6 +50,29 @@ def test_tile_plan_neighbourhood_function_differs_only_inside_overlaps() -> None
     assert 0 < diff[in_overlap].max() < 0.5
 
 
+@pytest.mark.parametrize(("tile", "overlap"), [(16, 4), ((8, 12), (0, 3)), (9, 0)])
+def test_tile_plan_with_context_makes_bicubic_tiles_agree_exactly(tile, overlap) -> None:
+    # Bicubic x4 reads 2 input pixels past an output pixel's position: with context 2 every tile
+    # sees the neighbourhood the whole frame has, and the result is the untiled one to float error.
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 29, 37)
+    bicubic = lambda t: F.interpolate(t, scale_factor=4, mode="bicubic", align_corners=False)  # noqa: E731
+    exact = TilePlan(29, 37, tile, overlap, scale=4, context=2).apply(bicubic, x)
+    assert (exact - bicubic(x)).abs().max() < 1e-6
+    # Without it, tile edges differ (the test can fail): the blend only damps them.
+    assert (TilePlan(29, 37, tile, overlap, scale=4).apply(bicubic, x) - bicubic(x)).abs().max() > 1e-3
+
+
+def test_tile_plan_context_is_cropped_at_the_frame_edge() -> None:
+    # A function that adds each tile's input width shows which input it saw: the middle tile of
+    # width 4 reads 1 pixel each side (6 wide), the edge tiles only inward (5 wide).
+    plan = TilePlan(1, 12, (1, 4), 0, context=1)
+    out = plan.apply(lambda t: torch.full_like(t, float(t.shape[-1])), torch.zeros(1, 1, 1, 12))
+    assert out[0, 0, 0].tolist() == [5.0] * 4 + [6.0] * 4 + [5.0] * 4
+    with pytest.raises(ValueError, match="context must be >= 0"):
+        TilePlan(4, 4, 2, context=-1)
+
+
 def test_tile_plan_changes_channels_and_keeps_leading_dims() -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 4, 3, 24, 30)  # (N, C, T, H, W) latents

@@ -1,13 +1,24 @@
-"""zoo.components.upscaler: input validation and dataclass config round trips."""
+"""zoo.components.upscaler: input validation, config round trips, and the hooks callers use (options, colour
+fix, memory estimates, default tiles)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import pytest
 import torch
 
-from zoo.components.upscaler import check_frame, check_frames, config_from_dict, config_to_dict
+from zoo.components.color import wavelet_color_fix
+from zoo.components.upscaler import (
+    MEMORY_HEADROOM,
+    MemoryModel,
+    VideoUpscaler,
+    check_frame,
+    check_frames,
+    config_from_dict,
+    config_to_dict,
+)
 
 
 @pytest.mark.parametrize(("frames", "message"), [
@@ -52,3 +63,76 @@ def test_config_round_trip_restores_nested_dataclasses_and_tuples():
     assert rebuilt == config and isinstance(rebuilt.inner.channels, tuple)
     with pytest.raises(ValueError, match="Outer has no field"):
         config_from_dict(Outer, {"bogus": 1})
+
+
+# What callers such as `zoo upscale` need from a pipeline --------------------------------------
+
+
+@dataclasses.dataclass
+class NoConfig:
+    pass
+
+
+class Tiled(VideoUpscaler):
+    hub_name = "tiled"
+    config_class = NoConfig
+    options: ClassVar[dict] = {"tile": None, "tile_overlap": 8, "color_fix": "none", "seed": 0}
+    memory = MemoryModel(frame=100.0, tile=1000.0)
+    scale = 2
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config or NoConfig())
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+
+def test_shared_options_are_checked_by_value() -> None:
+    up = Tiled()
+    for options, message in [({"color_fix": "sepia"}, "color_fix must be one of none, wavelet, adain, got 'sepia'"),
+                             ({"tile": 0}, "tile must be a positive int or None, got 0"),
+                             ({"tile_overlap": -1}, "tile_overlap must be an int >= 0, got -1"),
+                             ({"seed": 1.5}, "seed must be an int >= 0, got 1.5")]:
+        with pytest.raises(ValueError, match=message):
+            up.configure(**options)
+        up.configure(**Tiled.options)
+
+
+def test_fix_colors_by_option() -> None:
+    up = Tiled()
+    lr = torch.rand(1, 3, 4, 4)
+    hr = torch.rand(1, 3, 8, 8)
+    assert up.fix_colors(hr, lr) is hr  # "none"
+    up.configure(color_fix="adain")
+    # AdaIN on constant images: a flat target takes the source's mean. Source 0.25 everywhere (its
+    # bicubic upsampling too), target 0.75: out = (0.75 - 0.75) / eps * 0 + 0.25 = 0.25.
+    fixed = up.fix_colors(torch.full((1, 3, 8, 8), 0.75), torch.full((1, 3, 4, 4), 0.25))
+    assert torch.allclose(fixed, torch.full((1, 3, 8, 8), 0.25))
+    up.configure(color_fix="wavelet")
+    source = torch.nn.functional.interpolate(lr, size=(8, 8), mode="bicubic", align_corners=False).clamp(0, 1)
+    assert torch.equal(up.fix_colors(hr, lr), wavelet_color_fix(hr, source).clamp(0, 1))
+    # Swapped arguments give another image: the source's colours are what is kept.
+    assert not torch.allclose(up.fix_colors(hr, lr), up.fix_colors(source, hr[..., ::2, ::2]))
+    assert up.fix_colors(hr.bfloat16(), lr.bfloat16()).dtype == torch.bfloat16  # computed in float32
+
+
+def test_memory_estimate_by_hand() -> None:
+    up = Tiled()
+    # 30 x 40 frame, whole: max(100 * 1200, 1000 * 1200) = 1,200,000 bytes at fp32.
+    assert up.estimate_memory(30, 40) == 1_200_000
+    up.configure(tile=16)
+    # Tiles of 16 x 16: max(100 * 1200, 1000 * 256) = 256,000; bf16 halves it.
+    assert up.estimate_memory(30, 40) == 256_000
+    assert up.to(torch.bfloat16).estimate_memory(30, 40) == 128_000
+    up.configure(tile=8)  # 1000 * 64 = 64,000 < 100 * 1200: the whole-frame stage is the peak
+    assert up.to(torch.float32).estimate_memory(30, 40) == 120_000
+
+
+def test_default_options_pick_the_largest_tile_that_fits() -> None:
+    up = Tiled()
+    # 200 x 300 frame: whole frames need max(100, 1000) * 60,000 = 60 MB.
+    assert up.default_options(200, 300, free_bytes=int(60e6 / MEMORY_HEADROOM) + 1) == {"tile": None}
+    # 30 MB free, 24 MB budget (the frame stage needs 6 MB): 24,000 tile pixels at most;
+    # 256^2 = 65,536 and 192^2 = 36,864 do not fit, 128^2 = 16,384 does.
+    assert up.default_options(200, 300, free_bytes=30_000_000) == {"tile": 128}
+    assert up.default_options(200, 300, free_bytes=1) == {"tile": 64}  # nothing fits: the smallest
+    assert up.tile is None  # trying sizes leaves the options as they were
+    assert VideoUpscaler.default_options(up, 10, 10, 1) == {"tile": None}  # no tile smaller than the frame

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from zoo.components.video_io import (
+    ColorTags,
     VideoReadError,
     VideoWriteError,
+    check_destination,
     iter_frames,
     iter_y4m,
     probe_video,
@@ -24,7 +26,8 @@ from zoo.components.video_io import (
     write_y4m,
 )
 
-CLIPS = Path(__file__).resolve().parents[2] / ".." / "shared" / "clips"
+# ZOO_SHARED_CLIPS points a checkout that does not sit beside ../shared at the clips.
+CLIPS = Path(os.environ.get("ZOO_SHARED_CLIPS", Path(__file__).resolve().parents[2] / ".." / "shared" / "clips"))
 NTSC_FILM = Fraction(24000, 1001)
 # Mean absolute error allowed after lossy encoding of `smooth_clip` (x264 crf 18 measures ~0.01, gif ~0.06).
 LOSSY_MAE = 0.03
@@ -378,6 +381,108 @@ def test_a_failed_rewrite_keeps_the_previous_file(tmp_path: Path) -> None:
     with pytest.raises(VideoWriteError):
         write_video(out, [smooth_clip(1)[0], torch.rand(3, 4, 4)], 24)
     assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["out.mp4"]
+
+
+@pytest.mark.parametrize("fps", [Fraction(48000, 1001), Fraction(60000, 1001), Fraction(2997, 100), 50])
+def test_fractional_rates_are_kept_exactly(tmp_path: Path, fps) -> None:
+    out = write_video(tmp_path / "out.mkv", quantized_noise(3, 8, 8), fps)
+    assert probe_video(out).fps == fps
+
+
+def _y_of(path: Path) -> float:
+    with av.open(str(path)) as container:
+        frame = next(container.decode(container.streams.video[0]))
+        return float(frame.to_ndarray(format="yuv444p")[0].mean())
+
+
+@pytest.mark.parametrize(("tags", "luma"), [
+    # Luma of pure red is Kr * 255 in full range, 16 + Kr * 219 in limited range:
+    (ColorTags(1, 1, 1, 1), 16 + 0.2126 * 219),   # BT.709 limited: 62.6
+    (ColorTags(1, 1, 1, 2), 0.2126 * 255),        # BT.709 full: 54.2
+    (ColorTags(6, 6, 6, 1), 16 + 0.299 * 219),    # BT.601 (SMPTE 170M) limited: 81.5
+])
+def test_color_tags_are_kept_and_convert_with_their_matrix(tmp_path: Path, tags: ColorTags, luma: float) -> None:
+    red = torch.zeros(2, 3, 16, 16)
+    red[:, 0] = 1
+    out = write_video(tmp_path / "red.mp4", red, 24, color=tags)
+    assert probe_video(out).color == tags
+    assert _y_of(out) == pytest.approx(luma, abs=1)
+    back = read_video(out).frames
+    assert (back - red).abs().max() < 3 / 255  # decoding follows the same tags
+
+
+def test_untagged_output_converts_with_ffmpeg_defaults(tmp_path: Path) -> None:
+    red = torch.zeros(1, 3, 16, 16)
+    red[:, 0] = 1
+    out = write_video(tmp_path / "red.mp4", red, 24)
+    assert probe_video(out).color == ColorTags()
+    assert _y_of(out) == pytest.approx(16 + 0.299 * 219, abs=1)
+
+
+def write_tone_after_silence(path: Path, silence: float, tone: float, rate: int = 48000) -> Path:
+    """Mono AAC: `silence` seconds of zeros, then a 440 Hz tone for `tone` seconds."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        t = np.arange(int(rate * tone)) / rate
+        samples = np.concatenate([np.zeros(int(rate * silence)), 0.5 * np.sin(2 * np.pi * 440 * t)])
+        frame = av.AudioFrame.from_ndarray(samples.astype(np.float32)[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def decoded_audio(path: Path) -> tuple[np.ndarray, float]:
+    """Mono samples of the first audio stream and the stream's duration in seconds."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
+        return samples, float(stream.duration * stream.time_base)
+
+
+def test_audio_span_is_cut_with_the_video(tmp_path: Path) -> None:
+    # 0.5 s silence then tone; keeping [0.4, 0.9) gives 0.1 s of silence, then 0.4 s of tone.
+    source = write_tone_after_silence(tmp_path / "source.m4a", silence=0.5, tone=1.0)
+    out = write_video(tmp_path / "out.mp4", quantized_noise(12, 8, 8), 24, audio_from=source, audio_span=(0.4, 0.9))
+    samples, duration = decoded_audio(out)
+    assert duration == pytest.approx(0.5, abs=1e-3)
+    rate = 48000
+
+    def rms(a: float, b: float) -> float:
+        return float(np.sqrt(np.mean(samples[int(a * rate) : int(b * rate)] ** 2)))
+
+    assert rms(0.0, 0.08) < 0.01 and rms(0.12, 0.45) > 0.3
+
+
+@pytest.mark.parametrize(("name", "options", "message"), [
+    ("out.webm", {"codec": "libx264"}, "'webm' format does not support 'libx264'"),
+    ("out.mov", {"codec": "ffv1"}, "'mov' format does not support 'ffv1'"),
+    ("out.flv", {}, r"unknown extension \.flv"),
+    ("frames", {"audio_from": "sine"}, "a frame folder cannot hold the audio"),
+    ("out.gif", {"audio_from": "sine"}, "gif cannot hold the audio"),
+    ("out.mp4", {"pix_fmt": "yuv420p"}, "needs even sizes, got 17x9"),
+])
+def test_check_destination_refuses_what_writing_would(tmp_path: Path, name: str, options: dict, message: str) -> None:
+    if options.get("audio_from") == "sine":
+        options = {**options, "audio_from": write_sine(tmp_path / "sine.m4a")}
+    with pytest.raises(VideoWriteError, match=message):
+        check_destination(tmp_path / name, width=17, height=9, **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["sine.m4a"])
+
+
+def test_check_destination_accepts_what_writing_takes(tmp_path: Path) -> None:
+    sine = write_sine(tmp_path / "sine.m4a")
+    for name, options in [("a.mkv", {"codec": "ffv1", "audio_from": sine}), ("b.gif", {}), ("c.webm", {}),
+                          ("new/sub/d.mp4", {"audio_from": sine}), ("frames", {})]:
+        check_destination(tmp_path / name, width=17, height=9, **options)
+    check_destination(tmp_path / "e.mp4", width=64, height=64, codec="libx265")  # x265 refuses tiny frames
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sine.m4a"]  # checking writes nothing
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, which no user can write")
+def test_check_destination_names_an_unwritable_folder() -> None:
+    with pytest.raises(VideoWriteError, match=r"cannot write /proc/out.mp4: /proc is not writable"):
+        check_destination("/proc/out.mp4", width=8, height=8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ BENCHMARKS: dict[str, str] = {
     "io.iter_frames_memory": "zoo.bench.io:bench_iter_frames_memory",
     "upscalers.stream_memory": "zoo.bench.upscalers:bench_stream_memory",
     "upscalers.speed": "zoo.bench.upscalers:bench_speed",
+    "upscalers.memory_model": "zoo.bench.upscalers:bench_memory_model",
+    "upscale.memory": "zoo.bench.upscale:bench_upscale_memory",
 }
 
 

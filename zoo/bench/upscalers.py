@@ -7,6 +7,7 @@ weights too, which costs the same as the published ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -19,9 +20,12 @@ from zoo.components.upscaler import VideoUpscaler
 from zoo.hub import upscaler_class
 
 _CHILD = """
-import resource, sys
+import json, resource, sys
+import torch
+torch.set_num_threads(1)  # per-thread buffers would make the peak depend on the machine's cores
 from zoo.bench.upscalers import stream_random_frames
-stream_random_frames(sys.argv[1], int(sys.argv[2]), sys.argv[3], (int(sys.argv[4]), int(sys.argv[5])), "cpu")
+stream_random_frames(sys.argv[1], int(sys.argv[2]), sys.argv[3], (int(sys.argv[4]), int(sys.argv[5])), "cpu",
+                     json.loads(sys.argv[6]))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -41,20 +45,22 @@ def _random_frames(num_frames: int, size: tuple[int, int]):
     return (torch.rand(3, *size, generator=generator) for _ in range(num_frames))
 
 
-def stream_random_frames(name: str, num_frames: int, variant: str, size: tuple[int, int], device: str) -> None:
+def stream_random_frames(name: str, num_frames: int, variant: str, size: tuple[int, int], device: str,
+                         options: dict | None = None) -> None:
     """Stream `num_frames` random LR frames of `size` through `name`, dropping the outputs.
 
     Frames are made one at a time, so only the pipeline's own state persists between frames.
     """
-    upscaler = random_upscaler(name, variant, device)
+    upscaler = random_upscaler(name, variant, device).configure(**(options or {}))
     for _ in upscaler.stream(frame.to(device) for frame in _random_frames(num_frames, size)):
         pass
 
 
-def _peak_cpu_bytes(name: str, num_frames: int, variant: str, size: tuple[int, int]) -> int:
+def _peak_cpu_bytes(name: str, num_frames: int, variant: str, size: tuple[int, int],
+                    options: dict | None = None) -> int:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    args = [name, str(num_frames), variant, str(size[0]), str(size[1])]
+    args = [name, str(num_frames), variant, str(size[0]), str(size[1]), json.dumps(options or {})]
     result = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True,
                             env=env)
     return int(result.stdout.strip().splitlines()[-1]) * 1024  # Linux reports ru_maxrss in KiB
@@ -89,6 +95,61 @@ def bench_stream_memory(*, name: str = "stream_diffvsr", frames: tuple[int, int]
         peaks = [_peak_cuda_bytes(name, n, variant, size, device) for n in frames]
     return {"name": name, "device": device, "variant": variant, "size": list(size), "frames": list(frames),
             "peak_bytes": peaks, "ratio": peaks[1] / peaks[0]}
+
+
+_MODEL_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)  # per-thread buffers would make the peak depend on the machine's cores
+from zoo.bench.upscalers import random_upscaler, _random_frames
+name, variant, frames, height, width, options = sys.argv[1:7]
+upscaler = random_upscaler(name, variant, "cpu").configure(**json.loads(options))
+Path("/proc/self/clear_refs").write_text("5")  # the peak so far (building the model) is not the stream's
+for _ in upscaler.stream(_random_frames(int(frames), (int(height), int(width)))):
+    pass
+status = Path("/proc/self/status").read_text()
+print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024)
+"""
+
+
+def bench_memory_model(*, name: str = "osdiffvsr", variant: str = "full",
+                       sizes: tuple[tuple[int, int], ...] = ((32, 32), (64, 64), (96, 96)), frames: int = 2,
+                       options: dict | None = None) -> dict:
+    """Bytes of peak RSS per LR pixel: the slope behind a pipeline's `MemoryModel`, measured on CPU (Linux).
+
+    For each size, a fresh process (one thread, random weights of size `variant`) builds the model,
+    resets its peak RSS (`/proc/self/clear_refs`), streams `frames` random frames and reports the
+    peak; the least-squares slope of peak against pixel count removes the weights and the
+    interpreter. With tiles small enough to be the same at every size (`options={"tile": 16}`),
+    the slope is the untiled part, `frame`; without, it is `frame + tile`.
+
+    Args:
+        name: hub name.
+        variant: network size, "full" for the coefficients a `MemoryModel` holds.
+        sizes: two or more LR frame sizes (H, W).
+        frames: frames streamed at each size.
+        options: the pipeline's runtime options.
+
+    Returns:
+        {"name", "variant", "sizes", "options", "peak_bytes" (per size), "bytes_per_pixel"}.
+    """
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must hold at least two frame sizes, got {sizes}")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    peaks = []
+    for height, width in sizes:
+        args = [name, variant, str(frames), str(height), str(width), json.dumps(options or {})]
+        result = subprocess.run([sys.executable, "-c", _MODEL_CHILD, *args], capture_output=True, text=True,
+                                check=True, env=env)
+        peaks.append(int(result.stdout.strip().splitlines()[-1]))
+    pixels = torch.tensor([float(h * w) for h, w in sizes], dtype=torch.float64)
+    centred = pixels - pixels.mean()
+    peak = torch.tensor(peaks, dtype=torch.float64)
+    slope = float((centred * (peak - peak.mean())).sum() / centred.square().sum())
+    return {"name": name, "variant": variant, "sizes": [list(size) for size in sizes], "options": options or {},
+            "peak_bytes": peaks, "bytes_per_pixel": slope}
 
 
 def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: int = 8,

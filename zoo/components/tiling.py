@@ -119,6 +119,10 @@ class TilePlan:
             is one tile.
         overlap: overlap between neighbouring tiles in input pixels, int or pair, `< tile`.
         scale: output size / input size.
+        context: input pixels read around each tile (as far as the input reaches) and cropped
+            from its output by `apply`: a function whose output pixels depend on inputs up to
+            `context` pixels away (bicubic upsampling: 2) then sees the same neighbourhood as on
+            the whole input, and tiles agree exactly; the overlaps blend the rest.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class TilePlan:
         tile: int | tuple[int, int],
         overlap: int | tuple[int, int] = 0,
         scale: int | Fraction = 1,
+        context: int = 0,
     ) -> None:
         tile_hw, overlap_hw = _as_pair(tile, "tile"), _as_pair(overlap, "overlap")
         if height < 1 or width < 1:
@@ -140,7 +145,11 @@ class TilePlan:
         scale = Fraction(scale)
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
+        if context < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
         self.height, self.width, self.scale = height, width, scale
+        self.context = context
+        self._scaled(context)  # the crop must be whole output pixels
         self.out_height, self.out_width = self._scaled(height), self._scaled(width)
         self.rows = _segments(height, tile_hw[0], overlap_hw[0])
         self.cols = _segments(width, tile_hw[1], overlap_hw[1])
@@ -167,6 +176,21 @@ class TilePlan:
         j = self.out_cols.index((tile.out_left, tile.out_right))
         return _blend_weights(self.out_rows, i)[:, None] * _blend_weights(self.out_cols, j)[None, :]
 
+    def _run(self, fn: Callable[[Tensor], Tensor], x: Tensor, tile: Tile) -> Tensor:
+        """`fn` on `tile` read with its context, cropped back to the tile's output region."""
+        c = self.context
+        top, bottom = max(tile.top - c, 0), min(tile.bottom + c, self.height)
+        left, right = max(tile.left - c, 0), min(tile.right + c, self.width)
+        y = fn(x[..., top:bottom, left:right])
+        expected = (self._scaled(bottom - top), self._scaled(right - left))
+        if tuple(y.shape[-2:]) != expected:
+            raise ValueError(f"fn must map a tile to size {expected}, got {tuple(y.shape)}")
+        if c == 0:
+            return y
+        out_top, out_left = self._scaled(tile.top - top), self._scaled(tile.left - left)
+        height, width = tile.out_bottom - tile.out_top, tile.out_right - tile.out_left
+        return y[..., out_top : out_top + height, out_left : out_left + width]
+
     def apply(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """Run `fn` tile by tile over the last two dims of `x` and blend the outputs.
 
@@ -182,10 +206,7 @@ class TilePlan:
             raise ValueError(f"x must end in ({self.height}, {self.width}) for this plan, got {tuple(x.shape)}")
         blend = None
         for tile in self:
-            y = fn(x[(..., *tile.input_index)])
-            expected = (tile.out_bottom - tile.out_top, tile.out_right - tile.out_left)
-            if tuple(y.shape[-2:]) != expected:
-                raise ValueError(f"fn must map a tile to size {expected}, got {tuple(y.shape)}")
+            y = self._run(fn, x, tile)
             if blend is None:
                 canvas = y.new_zeros((*y.shape[:-2], self.out_height, self.out_width))
                 weight_sum = torch.zeros(self.out_height, self.out_width, device=y.device)

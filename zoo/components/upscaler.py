@@ -4,6 +4,11 @@ A `VideoUpscaler` maps low-resolution frames `(T, 3, H, W)` in `[0, 1]` to
 `(T * temporal_scale', 3, scale * H, scale * W)` (`T'` is `T` except for space-time models,
 which also interpolate frames). `stream()` does the same over an iterator with bounded memory.
 
+What a caller such as `zoo upscale` needs from a pipeline it finds on the class and instance
+(see `VideoUpscaler`): the factors it runs at (`scales`, `temporal_scales`), its runtime
+`options` with their defaults (the paper's colour fix among them), and a `memory` model from
+which `default_options` picks tiles or chunks that fit the free memory.
+
 Weights travel as Hub folders: `config.json` (`{"hub_name": ..., "config": {...}}`, written and
 read only by `write_config` / `read_config_data`) next to `model.safetensors`. Papers whose official
 checkpoints use another layout (diffusers subfolders) override `save_pretrained` /
@@ -17,17 +22,27 @@ import json
 import types
 import typing
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from zoo.components.color import adain_color_fix, wavelet_color_fix
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 VARIANTS = ("tiny", "full")
+COLOR_FIXES = ("none", "wavelet", "adain")
+TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
+"""Tile sides (LR pixels) `default_options` tries, largest first."""
+MEMORY_HEADROOM = 0.8
+"""Share of the free memory `default_options` plans for: the estimates are measured on CPU and
+extrapolated, and allocators fragment (CUDA's caching allocator, cuDNN workspaces)."""
 
 
 def check_variant(variant: str) -> str:
@@ -61,6 +76,29 @@ def check_frame(frame: Tensor) -> Tensor:
         raise ValueError(f"a frame must be (3, H, W) in [0, 1], got {got}")
     check_frames(frame[None])
     return frame
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak memory of a pipeline beyond its weights, linear in the LR pixels each stage works on.
+
+    `bytes = max(frame * H * W, tile * h * w)` for fp32 weights, where `H x W` is the LR frame and
+    `h x w` the part of it one tiled stage sees (the whole frame without tiles): the stages that
+    run on whole frames (VAE, flow, fusion) and the tiled one run one after the other, so the
+    peak is the larger of the two. 16-bit dtypes halve it. Coefficients are slopes of peak RSS
+    against pixel count of the `full` network streamed on CPU, measured with
+    `zoo bench upscalers.memory_model` (smaller configs need less, so they bound `tiny` from above).
+
+    Attributes:
+        frame: bytes per LR pixel of the stages run on whole frames.
+        tile: bytes per LR pixel of the stage that the `tile` option bounds (0: no tiles, or tiles
+            that do not lower the peak).
+        measured: how and where the numbers were measured.
+    """
+
+    frame: float
+    tile: float = 0.0
+    measured: str = ""
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -110,6 +148,23 @@ class VideoUpscaler(nn.Module):
     chunks, colour fix, seed) are `options`: a subclass lists each with its default, they become
     attributes, and `configure(**options)` (which `zoo.load(..., **options)` calls) sets them with one
     clear error for a name the pipeline does not take. Sizes are in input (LR) pixels and input frames.
+    The shared names, which `zoo upscale` maps its flags onto, are:
+
+    - `tile`, `tile_overlap`: square spatial tiles (None: whole frames) and their overlap;
+    - `chunk`, `chunk_overlap`: temporal chunks and their overlap, in input frames;
+    - `color_fix`: one of `COLOR_FIXES`, defaulting to the paper's own; `stream()` applies it with
+      `fix_colors` to each output frame;
+    - `seed`: the noise seed; `scale`, `temporal_scale` for models that run at several factors.
+
+    What else a caller needs, each paper sets or overrides (the defaults suit a fixed-factor,
+    untiled pipeline):
+
+    - `scales`, `temporal_scales`: the factors the class runs at, known before weights load, so
+      that `--scale 3` is refused at once (a factor that is no option is the one `scale` holds;
+      an empty tuple: any factor `check_options` takes);
+    - `memory`: a measured `MemoryModel`, which `estimate_memory` scales to a frame size;
+    - `default_options(height, width, free_bytes)`: tiles (the base class) or chunks (override)
+      that fit the free memory; `zoo upscale` applies and logs them where the user set none.
 
     Args:
         config: the network config dataclass (`config_class.tiny()` / `.full()` or loaded).
@@ -118,6 +173,9 @@ class VideoUpscaler(nn.Module):
     hub_name: ClassVar[str]
     config_class: ClassVar[type]
     options: ClassVar[dict[str, Any]] = {}
+    scales: ClassVar[tuple[int, ...]] = ()
+    temporal_scales: ClassVar[tuple[int, ...]] = (1,)
+    memory: ClassVar[MemoryModel | None] = None
     scale: int
     temporal_scale: int = 1
 
@@ -135,11 +193,73 @@ class VideoUpscaler(nn.Module):
             raise ValueError(f"{self.hub_name} takes no option(s) {', '.join(unknown)}; its options are {takes}")
         for name, value in options.items():
             setattr(self, name, value)
+        self._check_shared_options()
         self.check_options()
         return self
 
+    def _check_shared_options(self) -> None:
+        """The value checks of the shared option names (see the class docstring)."""
+        values = {name: getattr(self, name) for name in self.options}
+        if "color_fix" in values and values["color_fix"] not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {values['color_fix']!r}")
+        for name in ("tile", "chunk"):
+            value = values.get(name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name in ("tile_overlap", "chunk_overlap", "seed"):
+            value = values.get(name)
+            if name in values and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
     def check_options(self) -> None:
         """Raise `ValueError` for option values this pipeline cannot run with."""
+
+    def fix_colors(self, hr: Tensor, lr: Tensor) -> Tensor:
+        """Outputs `hr (N, 3, sH, sW)` with the colours of their inputs `lr (N, 3, H, W)` by the `color_fix` option.
+
+        The input is bicubic-upsampled to the output size and used as the colour source, as
+        OSEDiff's colour fixes do; the fix runs in float32 whatever the model's dtype.
+        """
+        method = getattr(self, "color_fix", "none")
+        if method == "none":
+            return hr
+        source = F.interpolate(lr.float(), size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        fix = wavelet_color_fix if method == "wavelet" else adain_color_fix
+        return fix(hr.float(), source).clamp(0, 1).to(hr.dtype)
+
+    def estimate_memory(self, height: int, width: int) -> int | None:
+        """Peak bytes beyond the weights of one step on `height x width` LR frames with the current options.
+
+        None when the class has no `memory` model.
+        """
+        if self.memory is None:
+            return None
+        tile = getattr(self, "tile", None)
+        tiled = height * width if tile is None else min(tile, height) * min(tile, width)
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return int(max(self.memory.frame * height * width, self.memory.tile * tiled) * itemsize / 4)
+
+    def default_options(self, height: int, width: int, free_bytes: int) -> dict[str, Any]:
+        """Options that fit one step on `height x width` LR frames into `free_bytes` of the model's device.
+
+        The base class picks `tile` (when it is an option and `memory` has a tile term): None when
+        whole frames fit in `MEMORY_HEADROOM` of `free_bytes`, else the largest of `TILE_SIZES`
+        smaller than the frame that fits, else the smallest of those. Papers with chunks override
+        this (and call it for tiles).
+        """
+        if "tile" not in self.options or self.memory is None or not self.memory.tile:
+            return {}
+        budget = free_bytes * MEMORY_HEADROOM
+        candidates = [None, *(tile for tile in TILE_SIZES if tile < max(height, width))]
+        current = self.tile
+        try:
+            for tile in candidates:
+                self.tile = tile
+                if self.estimate_memory(height, width) <= budget:
+                    return {"tile": tile}
+            return {"tile": candidates[-1]}
+        finally:
+            self.tile = current
 
     @classmethod
     def from_variant(cls, variant: str) -> VideoUpscaler:

@@ -8,8 +8,12 @@ Frames are float32 tensors in `[0, 1]`: a clip is `(T, 3, H, W)`, one frame is `
   frame is returned once and `fps` is the stream's average rate. A frame folder carries no rate
   and reads as `FRAME_FOLDER_FPS`.
 - Writing: a video file (written to a temporary file beside it and renamed on success, with
-  the audio of another file copied in), or a folder of PNG/JPEG frames (written to a temporary
-  folder and renamed on success).
+  the audio of another file copied in, or cut to a span and re-encoded), or a folder of PNG/JPEG
+  frames (written to a temporary folder and renamed on success). `check_destination` finds what
+  a write would refuse (path, codec, container, audio) before any frame is made.
+- Colour: a file's colour description (`ColorTags`: primaries, transfer, matrix, range) is read
+  with it and, passed to `write_video`, tagged on the output and used for its RGB -> YUV
+  conversion, so players show the colours of the source.
 - Pipes: `iter_y4m` / `write_y4m` read and write raw YUV4MPEG2 (`ffmpeg -f yuv4mpegpipe`).
 
 Everything that goes wrong while reading raises `VideoReadError`, and bad input to the writers
@@ -18,7 +22,9 @@ raises `VideoWriteError`; both are `ValueError`s with one sentence naming the pa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import itertools
 import math
 import os
@@ -48,13 +54,15 @@ _DEFAULT_CODECS = {".webm": "libvpx-vp9", ".gif": "gif"}
 _CRF_ENCODERS = {
     "libx264": {},
     "libx264rgb": {},
-    "libx265": {},
+    "libx265": {"x265-params": "log-level=error"},  # x265 prints its settings to stderr otherwise
     "libvpx": {"b": "0"},
     "libvpx-vp9": {"b": "0"},
 }
 # Moves the mp4/mov index to the front so players can start before the whole file arrived.
 _CONTAINER_OPTIONS = {".mp4": {"movflags": "+faststart"}, ".mov": {"movflags": "+faststart"}}
 _AUDIO_ENCODERS = {".webm": "libopus"}
+# FFmpeg muxer per extension (named, so that a header can also be written into memory).
+_FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".avi": "avi", ".gif": "gif"}
 
 
 class VideoReadError(ValueError):
@@ -63,6 +71,32 @@ class VideoReadError(ValueError):
 
 class VideoWriteError(ValueError):
     """Frames, settings or a destination that cannot be written."""
+
+
+# swscale's YUV matrices by FFmpeg `AVColorSpace` value; SMPTE 170M (6) has the BT.601 coefficients.
+_SWSCALE_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9}
+
+
+@dataclass(frozen=True)
+class ColorTags:
+    """The colour description of a video stream, as FFmpeg's enum values.
+
+    Attributes:
+        primaries: `AVColorPrimaries` (1 BT.709, 5 BT.601 PAL, 6 BT.601 NTSC, 9 BT.2020, 2 unspecified).
+        transfer: `AVColorTransferCharacteristic` (1 BT.709, 13 sRGB, 16 PQ, 18 HLG, 2 unspecified).
+        matrix: `AVColorSpace`, the YUV matrix (1 BT.709, 5/6 BT.601, 9 BT.2020, 2 unspecified).
+        range: `AVColorRange` (1 limited "tv", 2 full "pc", 0 unspecified).
+    """
+
+    primaries: int = 2
+    transfer: int = 2
+    matrix: int = 2
+    range: int = 0
+
+    @property
+    def specified(self) -> bool:
+        """Whether any of the four is set."""
+        return self != ColorTags()
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,7 @@ class VideoInfo:
         codec: video codec name (`"h264"`, `"vp9"`, ...), or `"png"` / `"jpeg"` for frame folders.
         has_audio: whether the file holds an audio stream.
         duration: length in seconds.
+        color: the video stream's colour description (all unspecified for frame folders).
     """
 
     fps: Fraction
@@ -86,6 +121,7 @@ class VideoInfo:
     codec: str
     has_audio: bool
     duration: float
+    color: ColorTags = ColorTags()
 
 
 @dataclass
@@ -302,21 +338,38 @@ def _probe_container(container: av.container.InputContainer, stream: av.VideoStr
     fps = stream.average_rate or stream.guessed_rate
     if not fps:
         raise VideoReadError(f"cannot read video {path}: its frame rate is unknown")
+    if stream.time_base is not None and stream.time_base.denominator <= 1000:
+        fps = _snap_rate(Fraction(fps))
     num_frames = stream.frames or _count_packets(container, stream, path)
     # Matroska stores no per-stream duration, and the container's includes the audio.
     if stream.duration is not None:
         duration = float(stream.duration * stream.time_base)
     else:
         duration = float(num_frames / fps)
+    context = stream.codec_context
     return VideoInfo(
         fps=Fraction(fps),
         num_frames=num_frames,
         width=stream.width,
         height=stream.height,
-        codec=stream.codec_context.name,
+        codec=context.name,
         has_audio=bool(container.streams.audio),
         duration=duration,
+        color=ColorTags(int(context.color_primaries), int(context.color_trc), int(context.colorspace),
+                        int(context.color_range)),
     )
+
+
+def _snap_rate(fps: Fraction) -> Fraction:
+    """The integer or NTSC (`n/1001`) rate within 5e-7 of `fps` (relative), else `fps`.
+
+    Matroska and WebM store millisecond timestamps, so a 48000/1001 fps stream reads back as
+    7001/146 (1.4e-7 away); rates of these two families are what cameras and encoders write.
+    """
+    for candidate in (Fraction(round(fps)), Fraction(round(fps * 1001), 1001)):
+        if candidate > 0 and abs(candidate - fps) <= fps * Fraction(1, 2_000_000):
+            return candidate
+    return fps
 
 
 def _count_packets(container: av.container.InputContainer, stream: av.VideoStream, path: Path) -> int:
@@ -368,9 +421,11 @@ def write_video(
     fps: Fraction | float | int,
     *,
     audio_from: str | os.PathLike | None = None,
+    audio_span: tuple[float, float] | None = None,
     codec: str | None = None,
     crf: int = 18,
     pix_fmt: str | None = None,
+    color: ColorTags | None = None,
 ) -> Path:
     """Encode frames to a video file or a folder of frames, never leaving a partial output.
 
@@ -393,17 +448,24 @@ def write_video(
         path: destination file, folder or frame pattern.
         frames: a clip `(T, 3, H, W)` or an iterable of frames `(3, H, W)` (consumed one at a
             time, so any length streams in bounded memory), floats in `[0, 1]`, on any device.
-        fps: frame rate; floats are read as the nearest fraction with denominator <= 1001
-            (`23.976023976` -> `24000/1001`).
+        fps: frame rate; a `Fraction` or int is kept exactly, a float is read as the nearest
+            fraction with denominator <= 1001 (`23.976023976` -> `24000/1001`).
         audio_from: a file whose first audio stream is copied into the video, packet for packet
             when the container accepts its codec, else re-encoded (AAC, or Opus for webm). A
             file without audio adds none; the whole stream is copied, whatever the video's
             length. Not allowed for gif and frame folders.
+        audio_span: `(start, stop)` in seconds of `audio_from`'s timeline: only that span is
+            kept, cut to the sample and re-encoded (packets cannot be cut), starting with the
+            first frame. The whole stream when None.
         codec: video encoder; by default `libx264`, or `libvpx-vp9` for webm and `gif` for gif.
         crf: constant-quality level for libx264/libx265/libvpx (lower is better, 18 is near
             transparent for x264); other encoders use their defaults.
         pix_fmt: encoder pixel format; by default `yuv420p` (even sizes), `yuv444p` (odd sizes),
             or the encoder's first format when it has neither (`rgb8` for gif).
+        color: the colour description to tag (e.g. the source's `VideoInfo.color`); its matrix
+            and range also convert the RGB frames to YUV. None (or all unspecified) converts with
+            FFmpeg's defaults (BT.601, limited range) and tags nothing. Ignored by frame folders
+            and RGB encoders.
 
     Returns:
         `path` as a `Path` (the folder for a frame pattern).
@@ -416,13 +478,30 @@ def write_video(
     path = Path(path)
     fps = _as_fraction(fps, path)
     arrays = _frames_to_arrays(frames, path)
-    suffix = path.suffix.lower()
-    if "%" in path.name or not suffix or path.is_dir():
-        if audio_from is not None:
-            raise VideoWriteError(f"cannot write {path}: a frame folder cannot hold the audio of {audio_from}")
+    _check_kind(path, audio_from)
+    if is_frame_folder_target(path):
         folder, pattern = (path.parent, path.name) if "%" in path.name else (path, FRAME_PATTERN)
         _write_frame_folder(folder, pattern, arrays)
         return folder
+    codec = codec or _DEFAULT_CODECS.get(path.suffix.lower(), "libx264")
+    settings = _VideoSettings(path, codec, fps, 0, 0, pix_fmt or "", crf, color or ColorTags())
+    _write_container(settings, arrays, audio_from, audio_span)
+    return path
+
+
+def is_frame_folder_target(path: str | os.PathLike) -> bool:
+    """Whether `write_video(path, ...)` writes a frame folder: a `%d` pattern, no extension, or a folder."""
+    path = Path(path)
+    return "%" in path.name or not path.suffix or path.is_dir()
+
+
+def _check_kind(path: Path, audio_from: str | os.PathLike | None) -> None:
+    """Refuse unknown extensions, and audio where the destination cannot hold it."""
+    if is_frame_folder_target(path):
+        if audio_from is not None:
+            raise VideoWriteError(f"cannot write {path}: a frame folder cannot hold the audio of {audio_from}")
+        return
+    suffix = path.suffix.lower()
     if suffix not in VIDEO_EXTENSIONS:
         raise VideoWriteError(
             f"cannot write {path}: unknown extension {suffix} (expected one of "
@@ -430,13 +509,73 @@ def write_video(
         )
     if audio_from is not None and suffix == ".gif":
         raise VideoWriteError(f"cannot write {path}: gif cannot hold the audio of {audio_from}")
-    _write_container(path, arrays, fps, audio_from, codec or _DEFAULT_CODECS.get(suffix, "libx264"), crf, pix_fmt)
-    return path
+
+
+def check_destination(
+    path: str | os.PathLike,
+    *,
+    width: int,
+    height: int,
+    audio_from: str | os.PathLike | None = None,
+    codec: str | None = None,
+    crf: int = 18,
+    pix_fmt: str | None = None,
+) -> None:
+    """Raise now what `write_video(path, ...)` of `width x height` frames would raise only at its end.
+
+    Checks the extension, that audio fits the destination, that a frame folder is new or empty,
+    that the folder the output goes to can be written (a file is created there and removed),
+    and, for video files, that the container takes the codec, pixel format and audio (its
+    header is written into memory).
+
+    Raises:
+        VideoWriteError: one sentence naming `path`.
+        VideoReadError: when `audio_from` cannot be read.
+    """
+    path = Path(path)
+    _check_kind(path, audio_from)
+    if is_frame_folder_target(path):
+        folder = path.parent if "%" in path.name else path
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise VideoWriteError(f"cannot write frames to {folder}: it exists and is not an empty folder")
+        _check_writable(path, folder.parent)
+        return
+    _check_writable(path, path.parent)
+    codec = codec or _DEFAULT_CODECS.get(path.suffix.lower(), "libx264")
+    encoder = _check_codec(codec, path)
+    settings = _VideoSettings(path, encoder.name, Fraction(25), width, height,
+                              _choose_pix_fmt(encoder, pix_fmt, width, height, path), crf, ColorTags())
+    audio_source = None if audio_from is None else _open_container(Path(audio_from))
+    try:
+        # The container format only decides on codecs and audio when its header is written.
+        output, _, _ = _open_output(io.BytesIO(), settings, audio_source, None)
+        with contextlib.suppress(av.FFmpegError):
+            output.close()  # some muxers (gif) refuse to end a file without frames; the header is what counts
+    finally:
+        if audio_source is not None:
+            audio_source.close()
+
+
+def _check_writable(path: Path, folder: Path) -> None:
+    """Create and remove a file in `folder` (or its nearest existing parent, which writing creates from)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise VideoWriteError(f"cannot write {path}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise VideoWriteError(f"cannot write {path}: {existing} is not writable ({err.strerror})") from None
 
 
 def _as_fraction(fps: Fraction | float | int, path: Path) -> Fraction:
-    # NTSC rates (24000/1001, 30000/1001) are the longest denominators in common use.
-    rate = Fraction(fps).limit_denominator(1001)
+    if isinstance(fps, (Fraction, int)):
+        rate = Fraction(fps)
+    else:
+        # NTSC rates (24000/1001, 30000/1001) are the longest denominators in common use.
+        rate = Fraction(fps).limit_denominator(1001)
     if rate <= 0:
         raise VideoWriteError(f"cannot write {path}: fps must be positive, got {fps}")
     return rate
@@ -547,28 +686,26 @@ def _choose_pix_fmt(encoder: av.Codec, pix_fmt: str | None, width: int, height: 
 
 
 def _write_container(
-    path: Path,
+    settings: _VideoSettings,
     arrays: Iterator[np.ndarray],
-    fps: Fraction,
     audio_from: str | os.PathLike | None,
-    codec: str,
-    crf: int,
-    pix_fmt: str | None,
+    audio_span: tuple[float, float] | None,
 ) -> None:
-    encoder = _check_codec(codec, path)
+    path = settings.target
+    encoder = _check_codec(settings.codec, path)
     audio_source = None
     if audio_from is not None:
         audio_source = _open_container(Path(audio_from))
     try:
         first, arrays = _first_frame(arrays, path)
         height, width = first.shape[:2]
-        pix_fmt = _choose_pix_fmt(encoder, pix_fmt, width, height, path)
-        settings = _VideoSettings(path, encoder.name, fps, width, height, pix_fmt, crf)
+        pix_fmt = _choose_pix_fmt(encoder, settings.pix_fmt or None, width, height, path)
+        settings = dataclasses.replace(settings, codec=encoder.name, width=width, height=height, pix_fmt=pix_fmt)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
         os.close(handle)
         try:
-            _encode(Path(partial), arrays, settings, audio_source)
+            _encode(Path(partial), arrays, settings, audio_source, audio_span)
             Path(partial).chmod(_default_mode(0o666))
             os.replace(partial, path)
         except BaseException:
@@ -595,6 +732,12 @@ class _VideoSettings:
     height: int
     pix_fmt: str
     crf: int
+    color: ColorTags
+
+    @property
+    def converts_color(self) -> bool:
+        """Whether frames are converted to YUV with the tagged matrix and range (else FFmpeg's defaults)."""
+        return self.color.specified and not av.VideoFormat(self.pix_fmt).is_rgb
 
 
 def _encode(
@@ -602,11 +745,17 @@ def _encode(
     arrays: Iterator[np.ndarray],
     settings: _VideoSettings,
     audio_source: av.container.InputContainer | None,
+    audio_span: tuple[float, float] | None,
 ) -> None:
-    output, video, audio = _open_output(partial, settings, audio_source)
+    output, video, audio = _open_output(str(partial), settings, audio_source, audio_span)
+    color = settings.color
     try:
         for array in arrays:
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            if settings.converts_color:
+                # The encoder's own conversion would use BT.601 limited range whatever the tags say.
+                frame = frame.reformat(format=settings.pix_fmt, dst_colorspace=_SWSCALE_MATRIX.get(color.matrix),
+                                       dst_color_range=color.range or None)
             for packet in video.encode(frame):
                 if audio is not None:
                     audio.mux_until(float(packet.pts * packet.time_base))
@@ -621,33 +770,43 @@ def _encode(
 
 
 def _open_output(
-    partial: Path,
+    target: str | io.BytesIO,
     settings: _VideoSettings,
     audio_source: av.container.InputContainer | None,
+    audio_span: tuple[float, float] | None,
     copy_audio: bool = True,
 ) -> tuple[av.container.OutputContainer, av.VideoStream, _AudioTrack | None]:
     """Open the output with its streams and header written, copying audio where possible.
 
     Whether a container takes an audio codec as it is shows only when the header is written
-    (mp4 takes Opus, mov does not), so a refused copy is retried with re-encoded audio.
+    (mp4 takes Opus, mov does not), so a refused copy is retried with re-encoded audio. A span
+    of the audio is always re-encoded.
     """
-    suffix = partial.suffix.lower()
+    suffix = settings.target.suffix.lower()
     has_audio = audio_source is not None and bool(audio_source.streams.audio)
-    output = av.open(str(partial), "w", container_options=_CONTAINER_OPTIONS.get(suffix))
+    copy_audio = copy_audio and audio_span is None
+    output = av.open(target, "w", format=_FORMATS[suffix], container_options=_CONTAINER_OPTIONS.get(suffix))
     try:
         video = output.add_stream(settings.codec, rate=settings.fps)
         video.width, video.height, video.pix_fmt = settings.width, settings.height, settings.pix_fmt
         if settings.codec in _CRF_ENCODERS:
             video.options = {"crf": str(settings.crf), **_CRF_ENCODERS[settings.codec]}
+        if settings.converts_color:
+            context, color = video.codec_context, settings.color
+            context.color_primaries, context.color_trc = color.primaries, color.transfer
+            context.colorspace, context.color_range = color.matrix, color.range
         audio = None
         if has_audio:
-            audio = _AudioTrack(audio_source, output, copy=copy_audio, encoder=_AUDIO_ENCODERS.get(suffix, "aac"))
+            audio = _AudioTrack(audio_source, output, copy=copy_audio, encoder=_AUDIO_ENCODERS.get(suffix, "aac"),
+                                span=audio_span)
         output.start_encoding()
         return output, video, audio
     except (ValueError, av.FFmpegError) as err:
         output.close()
         if has_audio and copy_audio:
-            return _open_output(partial, settings, audio_source, copy_audio=False)
+            if isinstance(target, io.BytesIO):
+                target = io.BytesIO()
+            return _open_output(target, settings, audio_source, audio_span, copy_audio=False)
         raise VideoWriteError(f"cannot write {settings.target}: {err}") from None
 
 
@@ -659,6 +818,8 @@ class _AudioTrack:
         output: the output container, before its header is written.
         copy: copy the packets as they are (no quality loss) instead of re-encoding.
         encoder: audio encoder used when not copying.
+        span: `(start, stop)` seconds of the source to keep (re-encoded, `copy` must be False);
+            the whole stream when None.
     """
 
     def __init__(
@@ -668,6 +829,7 @@ class _AudioTrack:
         *,
         copy: bool,
         encoder: str,
+        span: tuple[float, float] | None = None,
     ) -> None:
         self._source = source
         self._source_stream = source.streams.audio[0]
@@ -681,7 +843,8 @@ class _AudioTrack:
             if encoder == "libopus":
                 rate = 48000  # Opus encodes at 48 kHz (or a few lower rates); the encoder resamples.
             self._stream = output.add_stream(encoder, rate=rate, layout=self._source_stream.layout.name)
-            self._packets = self._encoded_packets()
+            frames = self._source.decode(self._source_stream)
+            self._packets = self._encoded_packets(frames if span is None else self._cut(frames, *span))
         self._pending: av.Packet | None = None
         self._started = False
 
@@ -690,10 +853,32 @@ class _AudioTrack:
             if packet.dts is not None:  # the demuxer ends with an empty flush packet
                 yield packet
 
-    def _encoded_packets(self) -> Iterator[av.Packet]:
-        for frame in self._source.decode(self._source_stream):
+    def _encoded_packets(self, frames: Iterable[av.AudioFrame]) -> Iterator[av.Packet]:
+        for frame in frames:
             yield from self._stream.encode(frame)
         yield from self._stream.encode(None)
+
+    def _cut(self, frames: Iterable[av.AudioFrame], start: float, stop: float) -> Iterator[av.AudioFrame]:
+        """The samples in `[start, stop)` seconds, as planar float frames timed from 0."""
+        rate = self._source_stream.rate
+        first, last = round(start * rate), round(stop * rate)  # sample indices on the source timeline
+        planar = av.AudioResampler(format="fltp", layout=self._source_stream.layout.name, rate=rate)
+        position = written = 0  # source sample index of the next decoded sample; samples yielded
+        for decoded in frames:
+            if decoded.pts is not None:
+                position = round(decoded.pts * decoded.time_base * rate)
+            for frame in planar.resample(decoded):
+                if position >= last:
+                    return
+                lo, hi = max(first - position, 0), min(last - position, frame.samples)
+                position += frame.samples
+                if hi <= lo:
+                    continue
+                samples = np.ascontiguousarray(frame.to_ndarray()[:, lo:hi])
+                piece = av.AudioFrame.from_ndarray(samples, format="fltp", layout=frame.layout.name)
+                piece.sample_rate, piece.pts = rate, written
+                written += hi - lo
+                yield piece
 
     def mux_until(self, seconds: float) -> None:
         """Mux the audio packets that start at or before `seconds`."""

@@ -111,6 +111,7 @@ class OSDEnhancerUpscaler(VideoUpscaler):
     config_class = OSDEnhancerConfig
     options: ClassVar[dict[str, Any]] = {"scale": 4, "temporal_scale": 2, "chunk": 33, "chunk_overlap": 8,
                                          "overlap": "blend", "seed": 0}
+    temporal_scales = ()  # any int >= 1 (`check_options`)
 
     def __init__(self, config: OSDEnhancerConfig, net: OSDEnhancerNet | None = None) -> None:
         super().__init__(config)

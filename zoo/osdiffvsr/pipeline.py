@@ -40,7 +40,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from zoo.components.tiling import TilePlan, pad_to_multiple
-from zoo.components.upscaler import VideoUpscaler, check_frame, check_frames, cpu_state, read_safetensors
+from zoo.components.upscaler import (
+    MemoryModel,
+    VideoUpscaler,
+    check_frame,
+    check_frames,
+    cpu_state,
+    read_safetensors,
+)
 from zoo.osdiffvsr.network import OSDiffVSRConfig, OSDiffVSRNet
 
 # Marks the end of a per-frame prompt iterator (None is a valid item of `itertools.repeat(None)`).
@@ -52,6 +59,14 @@ FILES = {
     "prompt": "prompt_embeds.safetensors",
     "base": "base.safetensors",
 }
+
+
+# Peak RSS of the full network streamed on CPU at LR 32x32, 64x64 and 96x96 (2 frames, fp32, one thread):
+# 5.39, 5.77, 6.24 GB untiled; 5.32, 5.85, 6.28 GB with 16-pixel UNet tiles (`zoo bench
+# upscalers.memory_model --arg name=osdiffvsr`). Tiled and untiled slopes agree within the noise
+# (104 and 114 kB per LR pixel): the VAE at HR (3 encodes, 1 decode) peaks above the UNet step, so
+# UNet tiles do not lower the peak and `tile` gets no memory term (no default tiles).
+MEMORY = MemoryModel(frame=104e3, tile=0.0, measured="CPU peak RSS, full network, LR 32-96 px, fp32")
 
 
 def weight_group(net: OSDiffVSRNet, key: str) -> str:
@@ -83,8 +98,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     """OS-DiffVSR x4 upscaler (one SD-2.1 UNet step per frame, 3-frame window with fusion).
 
     Options (`configure`): `tile`, the side in LR pixels of the square tiles on which the UNet step
-    runs, blended where they overlap (None: whole frames), and `tile_overlap`, their overlap in LR
-    pixels.
+    runs, blended where they overlap (None: whole frames), `tile_overlap`, their overlap in LR
+    pixels, and `color_fix` (`"adain"`, `"wavelet"` or `"none"`).
 
     Args:
         config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -93,7 +108,11 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     hub_name = "osdiffvsr"
     config_class = OSDiffVSRConfig
-    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32}
+    # OS-DiffVSR says nothing of a colour fix; OSEDiff, whose one-step generator it extends, applies
+    # AdaIN by default at test time (test_osediff.py, `--align_method` default "adain").
+    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32, "color_fix": "adain"}
+    scales = (4,)
+    memory = MEMORY
 
     def __init__(self, config: OSDiffVSRConfig, net: OSDiffVSRNet | None = None) -> None:
         super().__init__(config)
@@ -114,7 +133,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         """HR frame `(N, 3, sH, sW)` of `current` `(N, 3, H, W)` given its neighbours; any H, W.
 
         Frames are padded (edge replication) to the network's size multiple and the output is
-        cropped back; with `tile` the UNet step runs on blended latent tiles.
+        cropped back; with `tile` the UNet step runs on blended latent tiles; `color_fix` applies last.
 
         Args:
             prev: `I_{i-1}` `(N, 3, H, W)` in [0, 1].
@@ -123,7 +142,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             fuse: apply multi-frame fusion.
             prompt_embeds: `c_i`, `(1 or N, L, D)`; the stored embedding when None.
         """
-        net = self.net
+        net, lr = self.net, current
         window, padding = pad_to_multiple(torch.cat([prev, current, next_]).to(self.device, self.dtype),
                                           net.size_multiple)
         prev, current, next_ = window.chunk(3)
@@ -137,7 +156,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             size = max(1, round(self.tile * self.latent_per_lr))
             overlap = min(round(self.tile_overlap * self.latent_per_lr), size - 1)
             z_hat = TilePlan(*z.shape[-2:], size, overlap).apply(lambda tile: net.denoise(tile, c), z)
-        return padding.crop(net.decode(z_hat), self.scale)
+        return self.fix_colors(padding.crop(net.decode(z_hat), self.scale), lr.to(self.device))
 
     def check_prompt_embeds(self, prompt_embeds: Tensor, name: str = "prompt_embeds") -> Tensor:
         """`prompt_embeds` if it is `(K, L, D)` with the stored embedding's L and D, else a ValueError."""

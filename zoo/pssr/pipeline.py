@@ -97,6 +97,7 @@ class PSSRUpscaler(VideoUpscaler):
         "tile": None,
         "tile_overlap": 32,
     }
+    scales = (4,)
 
     def __init__(self, config: PSSRConfig, net: PSSRNet | None = None) -> None:
         super().__init__(config)

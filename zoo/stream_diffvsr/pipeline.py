@@ -41,6 +41,7 @@ from zoo.components.flow import FlowEstimator, FlowFn, published_raft_weights, r
 from zoo.components.prompts import encode_prompt
 from zoo.components.tiling import pad_to_multiple
 from zoo.components.upscaler import (
+    MemoryModel,
     VideoUpscaler,
     check_frame,
     cpu_state,
@@ -53,6 +54,10 @@ from zoo.stream_diffvsr.network import StreamDiffVSRConfig, StreamDiffVSRNet, Te
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
 FLOW_WEIGHTS = "flow/model.safetensors"
 # Streaming settings that the official folders do not carry; they default to `full()`'s values.
+# Peak RSS of the full networks streamed on CPU at LR 32x32, 64x64 and 96x96 (2 frames, fp32, one
+# thread): 4.01, 4.18, 4.29 GB (`zoo bench upscalers.memory_model --arg name=stream_diffvsr`);
+# least-squares slope 32.7 kB per LR pixel.
+MEMORY = MemoryModel(frame=32.7e3, measured="CPU peak RSS, full networks, LR 32-96 px, fp32")
 ZOO_SETTINGS = ("num_inference_steps", "noise_level", "flow_variant", "flow_pretrained", "flow_updates", "seed")
 FLOW_RESOLUTIONS = ("hr", "lr")
 
@@ -127,7 +132,7 @@ class StreamSession:
         # The next frame is guided by the raw decoder output, as in the official pipeline.
         self.prev_lr, self.prev_hr = lr, hr
         out = (hr.float() / 2 + 0.5).clamp(0, 1)
-        return padding.crop(out[0], up.scale)
+        return up.fix_colors(padding.crop(out, up.scale), lr_frame[None].to(up.device))[0]
 
 
 class StreamDiffVSRUpscaler(VideoUpscaler):
@@ -147,7 +152,10 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
 
     hub_name = "stream_diffvsr"
     config_class = StreamDiffVSRConfig
-    options: ClassVar[dict[str, Any]] = {"flow_resolution": "hr"}
+    # The official pipeline applies no colour fix (its output is the decoder's, clamped).
+    options: ClassVar[dict[str, Any]] = {"flow_resolution": "hr", "color_fix": "none"}
+    scales = (4,)
+    memory = MEMORY
 
     def __init__(self, config: StreamDiffVSRConfig, net: StreamDiffVSRNet | None = None,
                  flow: FlowEstimator | None = None) -> None:
