@@ -108,9 +108,12 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     hub_name = "osdiffvsr"
     config_class = OSDiffVSRConfig
-    # OS-DiffVSR says nothing of a colour fix; OSEDiff, whose one-step generator it extends, applies
-    # AdaIN by default at test time (test_osediff.py, `--align_method` default "adain").
-    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32, "color_fix": "adain"}
+    # OS-DiffVSR says nothing of a colour fix. OSEDiff, whose one-step generator it extends, offers
+    # wavelet and AdaIN (test_osediff.py `--align_method`, AdaIN by default). Wavelet is the default
+    # here because it takes only the input's low-frequency band, which is as steady from frame to frame
+    # as the input itself, whereas AdaIN matches each frame's global channel statistics, which shift
+    # with the content in view and can make a video's colours pump.
+    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32, "color_fix": "wavelet"}
     scales = (4,)
     memory = MEMORY
 
