@@ -4,7 +4,8 @@ Lightning's default writer goes through an fsspec transaction whose temporary fi
 system temp folder: when that is another filesystem (a tmpfs, a node-local disk), the final move is a
 copy, and a job killed during it leaves a truncated `last.ckpt` that `--ckpt_path last` then fails on.
 `AtomicCheckpointIO` writes beside the target, flushes to disk, and renames over it in one step.
-Every recipe names it in `trainer.plugins`.
+Every recipe names it in `trainer.plugins`. `find_last_checkpoint` is what `lightning fit --ckpt_path last`
+resumes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,3 +44,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(partial).unlink(missing_ok=True)
             raise
+
+
+def find_last_checkpoint(trainer: Trainer) -> Path | None:
+    """The newest `last` checkpoint any earlier run of this trainer's setup wrote, or None.
+
+    What `--ckpt_path last` should resume. Lightning looks only in this run's checkpoint folder, which with a
+    versioned logger (the recipes' CSVLogger) is a new, empty `lightning_logs/version_N/checkpoints`; the
+    earlier runs' checkpoints are in their own version folders beside it.
+    """
+    found: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        pattern = f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"
+        if callback.dirpath is not None:
+            found += Path(callback.dirpath).glob(pattern)
+        elif trainer.loggers and trainer.loggers[0].root_dir is not None:
+            found += Path(trainer.loggers[0].root_dir).glob(f"*/checkpoints/{pattern}")
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
