@@ -103,7 +103,6 @@ def test_tiny_recipe_trains_under_ddp_on_two_cpu_processes(name: str, tmp_path: 
     # Each process's random state is checkpointed, for an exact resume under DDP too.
     (random_state,) = [v for k, v in state["callbacks"].items() if "TrainingRandomState" in k]
     assert len(random_state["processes"]) == 2
-    assert not torch.equal(random_state["processes"][0]["torch"], random_state["processes"][1]["torch"])
     DDP_CHECKS.get(name, lambda run, output: None)(run, result.stdout + result.stderr)
 
 
