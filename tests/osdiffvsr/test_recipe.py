@@ -98,6 +98,8 @@ def test_datamodule_leaves_reds4_out_keeps_time_order_and_reads_each_frames_prom
         assert frames == sorted(frames)  # never reversed: frame 0 is always I_{i-1}
         assert item["prompt_embeds"].shape == (3, 2, 3)
         assert item["prompt_embeds"][:, 0, 0].tolist() == [100 + f for f in frames]
+    dataset.set_epoch(3)
+    assert dataset.clips.epoch == 3  # the sampler's epoch reaches the augmentation seeds
     with pytest.raises(ValueError, match="lacks 4 sequence file"):
         OSDiffVSRDataModule(train_roots=[str(roots)], crop_size=16, exclude_sequences=[],
                             prompt_embeds_root=str(prompts)).train_dataset()
