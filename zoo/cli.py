@@ -100,7 +100,8 @@ def lightning_main(args: Sequence[str] | None = None) -> None:
             from zoo.components.train.checkpoint import find_last_checkpoint
 
             config = self.config_init[self.subcommand]
-            if config.get("ckpt_path") == "last" and (last := find_last_checkpoint(self.trainer)) is not None:
+            model = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
+            if config.get("ckpt_path") == "last" and (last := find_last_checkpoint(self.trainer, model)) is not None:
                 config["ckpt_path"] = str(last)
 
     # LightningCLI reads sys.argv; the command line is handed over there (with packaged recipe paths

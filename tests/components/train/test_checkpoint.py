@@ -57,3 +57,8 @@ def test_last_means_the_newest_last_checkpoint_of_any_earlier_run(tmp_path) -> N
         os.utime(path, (1e9 + age, 1e9 + age))
     # The new run's own folder is version_2, where Lightning alone would look.
     assert find_last_checkpoint(new_trainer()) == paths[1]
+    # Runs of another model (another recipe logging to the same folder) are not resumed.
+    (paths[1].parents[1] / "config.yaml").write_text("model:\n  class_path: zoo.pssr.module.PSSRModule\n")
+    (paths[0].parents[1] / "config.yaml").write_text("model:\n  class_path: zoo.osdiffvsr.module.OSDiffVSRModule\n")
+    assert find_last_checkpoint(new_trainer(), "zoo.osdiffvsr.module.OSDiffVSRModule") == paths[0]
+    assert find_last_checkpoint(new_trainer(), "zoo.stream_diffvsr.module.StreamDiffVSRModule") is None
