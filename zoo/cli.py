@@ -97,6 +97,16 @@ def lightning_main(args: Sequence[str] | None = None) -> None:
                 print(f"lightning: error: {err}", file=sys.stderr)
                 raise SystemExit(2) from None
 
+        def before_fit(self) -> None:
+            # `--ckpt_path last` resumes the newest last.ckpt of the earlier runs: Lightning alone looks only in
+            # this run's own, new lightning_logs/version_N, and would silently start from scratch.
+            from zoo.components.train.checkpoint import find_last_checkpoint
+
+            config = self.config_init[self.subcommand]
+            model = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
+            if config.get("ckpt_path") == "last" and (last := find_last_checkpoint(self.trainer, model)) is not None:
+                config["ckpt_path"] = str(last)
+
     # LightningCLI reads sys.argv; the command line is handed over there (with packaged recipe paths
     # resolved) rather than as `args`, which Lightning would flag as given twice.
     sys.argv = [sys.argv[0], *_with_packaged_recipes(sys.argv[1:] if args is None else args)]

@@ -26,7 +26,8 @@ SMALL = {
 
 def _fake_trainer(global_step: int, training: bool = True) -> SimpleNamespace:
     schedule = OSDEnhancerStages(decoder_steps=2, adaptation_steps=2, temporal_steps=2, spatial_steps=2)
-    return SimpleNamespace(training=training, global_step=global_step, callbacks=[schedule], world_size=1)
+    return SimpleNamespace(training=training, global_step=global_step, callbacks=[schedule], world_size=1,
+                           global_rank=0)
 
 
 def _batch(data: OSDEnhancerDataModule, stage: str, size: int = 2) -> dict:
@@ -86,13 +87,19 @@ def test_a_batch_of_another_stage_is_refused() -> None:
         data.on_after_batch_transfer(_batch(data, "decoder", 1), 0)
 
 
-def test_a_loader_ends_with_its_stage() -> None:
+def test_a_loader_covers_its_stage_and_a_resumed_one_the_rest() -> None:
     data = OSDEnhancerDataModule(stages=SMALL, batch_size=2, num_workers=0)
-    data.trainer = _fake_trainer(global_step=3)  # one step of "adaptation" left
-    loader = data.train_dataloader()
-    batches = list(loader)
-    assert len(batches) == 1 and batches[0]["stage"] == ["adaptation"] * 2
+    data.trainer = _fake_trainer(global_step=3)  # "adaptation" is steps 2 and 3
+    batches = list(data.train_dataloader())
+    assert len(batches) == 2 and all(batch["stage"] == ["adaptation"] * 2 for batch in batches)
     assert batches[0]["hr"].shape == (2, 9, 3, 32, 48)
+    # A checkpoint written after the stage's first step: the resumed loader yields the second batch only.
+    interrupted = data.train_dataloader()
+    next(iter(interrupted))
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(interrupted.state_dict())
+    (rest,) = list(resumed)
+    assert rest["key"] == batches[1]["key"]
     data.trainer = None
     with pytest.raises(RuntimeError, match="needs one StageSchedule"):
         data.train_dataloader()

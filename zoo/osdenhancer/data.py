@@ -16,16 +16,17 @@ frame folders extracted from its videos (`adobe240`), DIV2K as a folder of image
 With no roots, the built-in sample clips stand in for all three (their first frames as the still images),
 so every recipe runs offline.
 
-Stages switch data at their step milestones: an epoch of the training loader covers exactly the steps left in
-the current stage, and the recipe reloads loaders every epoch (`reload_dataloaders_every_n_epochs: 1`), so
-each stage starts on a loader of its own data. A batch of another stage's data is refused.
+Stages switch data at their step milestones: an epoch of the training loader covers exactly the current
+stage (a run resumed mid-stage continues it where its checkpoint was written), and the recipe reloads loaders
+every epoch (`reload_dataloaders_every_n_epochs: 1`), so each stage starts on a loader of its own data. A batch of
+another stage's data is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from zoo.components.train.data import SampleClipDataset, VideoClipDataset, VSRDataModule, temporal_subsample
 from zoo.components.train.stages import StageSchedule
@@ -152,34 +153,6 @@ class StageDataset(Dataset):
         return {"hr": item["hr"], "key": item["key"], "stage": self.stage}
 
 
-class StageEpochSampler(Sampler[int]):
-    """`num_samples` indices of a seeded permutation of the dataset, repeated as often as needed.
-
-    Args:
-        dataset: the stage's dataset (its `set_epoch` is called with the epoch).
-        num_samples: indices per epoch (the samples of the steps left in the stage).
-        seed: base seed of the permutations.
-    """
-
-    def __init__(self, dataset: Dataset, num_samples: int, seed: int = 0) -> None:
-        self.dataset, self.num_samples, self.seed, self.epoch = dataset, num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        size = len(self.dataset)
-        rounds = math.ceil(self.num_samples / size)
-        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
-        indices = torch.cat([torch.randperm(size, generator=generator) for _ in range(rounds)])
-        return iter(indices[: self.num_samples].tolist())
-
-
 class OSDEnhancerDataModule(VSRDataModule):
     """HR clips per stage, LR made on the batch's device with RealBasicVSR's degradation (L161).
 
@@ -271,12 +244,12 @@ class OSDEnhancerDataModule(VSRDataModule):
         index = schedule.stage_index_at(self.trainer.global_step)
         stage = schedule.stages[index]
         dataset = self.stage_dataset(stage.name)
-        end = schedule.ends[index]
-        # One epoch = the steps left in this stage, over every process (the distributed sampler splits it).
-        num_samples = len(dataset) if math.isinf(end) else int(end - self.trainer.global_step) * self.batch_size
-        num_samples *= max(1, self.trainer.world_size)
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
-                          sampler=StageEpochSampler(dataset, num_samples, self.seed))
+        start, end = schedule.ends[index - 1] if index else 0, schedule.ends[index]
+        # One epoch = the whole stage, over every process (the sampler splits it): a stage starts with an epoch,
+        # and a run resumed mid-stage skips the steps done (`ResumableDataLoader`). An endless last stage
+        # has epochs of its dataset's size.
+        num_samples = len(dataset) if math.isinf(end) else int(end - start) * self.batch_size * self.trainer.world_size
+        return self.training_loader(dataset, num_samples, drop_last=True)
 
     # LR ------------------------------------------------------------------------------------------
 

@@ -47,6 +47,10 @@ class PromptEmbeddingClips(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
+    def set_epoch(self, epoch: int) -> None:
+        # The sampler's epoch reaches the clips' augmentation seeds through this wrapper.
+        self.clips.set_epoch(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.clips[index]
         sequence = item["key"].rpartition("/")[0]

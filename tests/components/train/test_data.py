@@ -14,6 +14,7 @@ from zoo.components.train.data import (
     EpochShuffleSampler,
     LRVideoDataset,
     PairedVideoDataset,
+    ResumableDataLoader,
     SampleClipDataset,
     VideoClipDataset,
     VSRDataModule,
@@ -308,6 +309,58 @@ def test_epoch_shuffle_sampler_is_seeded_and_tells_the_dataset(tmp_path):
     assert sorted(first) == list(range(11)) and first == list(EpochShuffleSampler(dataset, seed=3))
     sampler.set_epoch(1)
     assert dataset.epoch == 1 and list(sampler) != first
+
+
+def test_epoch_shuffle_sampler_splits_one_order_between_processes():
+    dataset = list(range(11))
+    whole = EpochShuffleSampler(dataset, seed=3)
+    ranks = [EpochShuffleSampler(dataset, seed=3, num_replicas=2, rank=rank) for rank in (0, 1)]
+    # 11 positions padded to 12 by the next permutation's first index; rank r takes positions r, r + 2, ...
+    order = ranks[0].order()
+    assert order[:11].tolist() == list(whole) and len(order) == 12
+    assert [list(r) for r in ranks] == [order[0::2].tolist(), order[1::2].tolist()]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    # num_samples longer than the dataset: permutations one after the other.
+    long = EpochShuffleSampler(dataset, seed=3, num_samples=25).order()
+    assert sorted(long[:11].tolist()) == sorted(long[11:22].tolist()) == dataset and len(long) == 25
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_resumable_loader_continues_the_epoch_where_its_state_was_saved(num_replicas):
+    dataset = list(range(20))
+
+    def loader(rank: int) -> ResumableDataLoader:
+        sampler = EpochShuffleSampler(dataset, seed=5, num_replicas=num_replicas, rank=rank)
+        return ResumableDataLoader(dataset, sampler, batch_size=3)
+
+    for rank in range(num_replicas):
+        uninterrupted = loader(rank)
+        uninterrupted.sampler.set_epoch(2)
+        expected = [batch.tolist() for batch in uninterrupted]
+        interrupted = loader(rank)
+        interrupted.sampler.set_epoch(2)
+        batches = iter(interrupted)
+        seen = [next(batches).tolist() for _ in range(2)]
+        state = interrupted.state_dict()
+        assert state == {"epoch": 2, "consumed": 2 * 3 * num_replicas, "total": 20}
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        resumed.sampler.set_epoch(2)  # Lightning sets the same epoch again before iterating
+        rest = [batch.tolist() for batch in resumed]
+        assert seen + rest == expected
+        # Resumed twice: the count goes on from where the resumed loader started.
+        assert resumed.state_dict()["consumed"] == 20
+
+
+def test_resumable_loader_saved_at_an_epoch_end_resumes_at_the_next_epoch():
+    dataset = list(range(8))
+    ended = ResumableDataLoader(dataset, EpochShuffleSampler(dataset), batch_size=3, drop_last=True)
+    assert len(list(ended)) == 2  # 6 of 8 positions: the 2 left make no batch
+    resumed = ResumableDataLoader(dataset, EpochShuffleSampler(dataset), batch_size=3, drop_last=True)
+    resumed.load_state_dict(ended.state_dict())
+    assert resumed.sampler.epoch == 1 and len(list(resumed)) == 2
+    with pytest.raises(ValueError, match="EpochShuffleSampler"):
+        ResumableDataLoader(dataset, torch.utils.data.SequentialSampler(dataset))
 
 
 # DataModule -------------------------------------------------------------------------------------

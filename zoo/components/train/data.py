@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.components.samples import SAMPLE_CLIP_NAMES, sample_clips
 from zoo.components.train.degradation import (
@@ -555,32 +556,110 @@ class SampleClipDataset(Dataset):
         return _add_key_frames(item, self.temporal_skip, self.clip_length)
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Shuffles with a permutation seeded by (seed, epoch) and passes the epoch on to the dataset.
+class EpochShuffleSampler(DistributedSampler):
+    """Seeded shuffling keyed by (seed, epoch), split between processes, resumable in the middle of an epoch.
 
-    Lightning calls `set_epoch` before each training epoch (also through its distributed wrapper), so
-    the dataset's per-item augmentation seeds follow the epoch in every worker.
+    An epoch's order is a stream of permutations of the dataset drawn from a generator seeded by
+    (seed, epoch), one after the other as `num_samples` needs them, cut to a multiple of the process
+    count (the stream's next indices pad it, so every process gets as many). Process `rank` of
+    `num_replicas` takes positions rank, rank + num_replicas, ... of it. Lightning calls `set_epoch`
+    before each training epoch and the sampler passes the epoch on to the dataset, so per-item
+    augmentation seeds follow it in every worker.
+
+    It subclasses `DistributedSampler` so that Lightning uses it as it is under DDP and FSDP: Lightning
+    wraps any other sampler in a `DistributedSampler` of its own, which would shuffle the order again.
+    `ResumableDataLoader` saves how far an epoch got and hands it back through `resume`.
 
     Args:
         dataset: any sized dataset; its `set_epoch` is called when it has one.
-        seed: base seed of the permutation.
+        seed: base seed of the permutations.
+        num_samples: positions per epoch over all processes; `len(dataset)` when None.
+        num_replicas: number of processes sharing the epoch.
+        rank: this process's index among them.
     """
 
-    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int = 0, num_samples: int | None = None, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        epoch_size = len(dataset) if num_samples is None else num_samples
+        if epoch_size < 1:
+            raise ValueError(f"an epoch needs at least one sample, got num_samples={epoch_size}")
+        # DistributedSampler's names: num_samples per process, total_size over all of them.
+        self.num_samples = math.ceil(epoch_size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a resume position belongs to the epoch it was saved in
         self.epoch = epoch
         set_dataset_epoch = getattr(self.dataset, "set_epoch", None)
         if set_dataset_epoch is not None:
             set_dataset_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Start the next iteration in epoch `epoch` after its first `consumed` positions (over all processes)."""
+        if not 0 <= consumed < self.total_size:
+            raise ValueError(f"consumed must be in [0, {self.total_size}), got {consumed}")
+        self.set_epoch(epoch)
+        self.start = consumed
+
+    def order(self) -> Tensor:
+        """The epoch's positions over all processes: (total_size,) dataset indices."""
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch))
+        size = len(self.dataset)
+        rounds = math.ceil(self.total_size / size)
+        return torch.cat([torch.randperm(size, generator=generator) for _ in range(rounds)])[: self.total_size]
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch))
-        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
+        start, self.start = self.start, 0  # a resume position serves one iteration
+        return iter(self.order()[start + self.rank :: self.num_replicas].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A training `DataLoader` over an `EpochShuffleSampler` whose place in the epoch goes into checkpoints.
+
+    Lightning saves the `state_dict` of a training loader that has one and hands it back to the new loader
+    when a run resumes (`--ckpt_path`), before iterating it: the resumed epoch then continues after the
+    batches already trained on, where a plain loader would restart it. Lightning takes one batch at a time
+    from a loader whose length it knows (it prefetches only from unsized ones), so the batches yielded
+    when a checkpoint is written are the batches trained on; workers read ahead, but the main process
+    yields in order.
+
+    Args:
+        dataset: the training dataset.
+        sampler: its `EpochShuffleSampler`.
+        **kwargs: the other `DataLoader` arguments (batch_size, num_workers, drop_last, ...).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochShuffleSampler, **kwargs: Any) -> None:
+        if not isinstance(sampler, EpochShuffleSampler):
+            raise ValueError(f"sampler must be an EpochShuffleSampler, got {type(sampler).__name__}")
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._start, self._batches = 0, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self._start, self._batches = self.sampler.start, 0
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        consumed = min(self._start + self._batches * self.batch_size * sampler.num_replicas, sampler.total_size)
+        return {"epoch": sampler.epoch, "consumed": consumed, "total": sampler.total_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        epoch, consumed = state_dict["epoch"], state_dict["consumed"]
+        sampler = self.sampler
+        if consumed + (self.batch_size * sampler.num_replicas if self.drop_last else 1) > state_dict["total"]:
+            # The saved epoch is over (only a partial batch, dropped, was left): the next one starts afresh.
+            sampler.resume(epoch + 1, 0)
+        else:
+            sampler.resume(epoch, consumed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -716,13 +795,27 @@ class VSRDataModule(LightningDataModule):
         return self._datasets[split]
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self._dataset("train")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(dataset, self.seed),
-            num_workers=self.num_workers,
-        )
+        return self.training_loader(self._dataset("train"))
+
+    def training_loader(self, dataset: Dataset, num_samples: int | None = None,
+                        drop_last: bool = False) -> ResumableDataLoader:
+        """A resumable, seeded loader over `dataset`, split between the trainer's processes.
+
+        Worker processes need no seeding of their own for a resumed run to read the same data: every random
+        choice of the datasets comes from a generator seeded by (seed, item, epoch), and the degradation is
+        seeded per step (`degradation_seed`), so an item is the same in any worker, whatever the worker
+        count, and in a run resumed mid-epoch; nothing reads a worker's global random state.
+
+        Args:
+            dataset: the training dataset.
+            num_samples: samples per epoch over all processes (`EpochShuffleSampler`); `len(dataset)` when None.
+            drop_last: drop a last, incomplete batch.
+        """
+        trainer = self.trainer  # None outside a Trainer: one process
+        world_size, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+        sampler = EpochShuffleSampler(dataset, self.seed, num_samples, num_replicas=world_size, rank=rank)
+        return ResumableDataLoader(dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), batch_size=1, num_workers=self.num_workers)

@@ -5,17 +5,20 @@ which LightningModule to rebuild; `to_upscaler()` turns the trained module into 
 `VideoUpscaler` that the hub loads. Its test loop scores that upscaler with the same
 `ClipEvaluator` as `zoo evaluate`, so `lightning test -c recipes/<name>.yaml --data
 zoo.components.train.evaluation.EvaluationDataModule --data.dataset PATH ...` reports the same numbers.
+Every `ZooModule` brings the `TrainingRandomState` callback, so a killed run resumed from its last
+checkpoint draws the same random numbers as one never interrupted.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 
 import zoo
 from zoo.components.train.evaluation import ClipEvaluator
 from zoo.components.train.metrics import VideoMetrics
+from zoo.components.train.random_state import TrainingRandomState
 from zoo.components.upscaler import VideoUpscaler
 
 
@@ -34,6 +37,10 @@ class ZooModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["zoo"] = {"hub_name": self.hub_name, "version": zoo.__version__}
+
+    def configure_callbacks(self) -> list[Callback]:
+        # Every zoo training run resumes drawing the random numbers an uninterrupted one would draw.
+        return [TrainingRandomState()]
 
     # Test loop: the inference pipeline on a benchmark ---------------------------------------
 
