@@ -299,6 +299,7 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         and one safetensors file whose keys are the official ones (the SE adapter in peft's layout
         `<layer>.base_layer.weight`, `<layer>.lora_A.TE_lora.weight`, ...).
         """
+        self.check_exportable()
         folder = Path(folder)
         net = self.net
         (folder / "transformer").mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,7 @@ class PSSRUpscaler(VideoUpscaler):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `config.json` and the safetensors files listed in the module docstring."""
+        self.check_exportable()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.write_config(folder)

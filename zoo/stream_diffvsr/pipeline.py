@@ -200,6 +200,7 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         Extras: `prompt_embeds.safetensors` (the empty-prompt embedding), `config.json` (streaming
         settings) and `flow/model.safetensors` (the RAFT weights, so the folder needs no other download).
         """
+        self.check_exportable()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("unet", "controlnet", "vae"):
