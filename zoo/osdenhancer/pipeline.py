@@ -215,8 +215,8 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         dtype = self.net.vae.dtype
         decoded = self.net.upscale_clip(video.transpose(0, 1)[None].to(dtype),
                                         residual.transpose(0, 1)[None].to(dtype), generator)
-        frames = items[0][2].crop(decoded[0, :, :length].transpose(0, 1))
-        return (frames * 0.5 + 0.5).clamp(0, 1)
+        frames = items[0][2].crop(decoded[0, :, :length].transpose(0, 1)).float()
+        return (frames * 0.5 + 0.5).clamp(0, 1)  # to [0, 1] in float32 (bfloat16 steps by 1/256 below 1)
 
     def default_generator(self) -> torch.Generator:
         """A generator on the model's device seeded with the `seed` option."""

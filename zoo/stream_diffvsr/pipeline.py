@@ -119,7 +119,7 @@ class StreamSession:
                              f"frames of another size")
         net = up.net
         noise = torch.randn((1, net.vae.config.latent_channels, *lr.shape[-2:]), generator=self.generator,
-                            device=up.device, dtype=torch.float32).to(up.dtype)
+                            device=up.device, dtype=torch.float32)  # the sampler keeps z_t in float32
         warped_prev = None
         if self.prev_hr is not None:
             warped_prev = up.warp_previous(self.prev_hr, lr, self.prev_lr)
