@@ -83,8 +83,9 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     """OS-DiffVSR x4 upscaler (one SD-2.1 UNet step per frame, 3-frame window with fusion).
 
     Options (`configure`): `tile`, the side in LR pixels of the square tiles on which the UNet step
-    runs, blended where they overlap (None: whole frames), and `tile_overlap`, their overlap in LR
-    pixels.
+    runs, blended where they overlap (None: whole frames), `tile_overlap`, their overlap in LR
+    pixels, and `compile`, which runs each window (`upscale_window`, one frame's fixed-shape step) through
+    `torch.compile` with the VAE in channels-last (see `VideoUpscaler.compiled`).
 
     Args:
         config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -93,7 +94,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     hub_name = "osdiffvsr"
     config_class = OSDiffVSRConfig
-    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32}
+    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32, "compile": False}
 
     def __init__(self, config: OSDiffVSRConfig, net: OSDiffVSRNet | None = None) -> None:
         super().__init__(config)
@@ -103,6 +104,9 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     def check_options(self) -> None:
         if self.tile is not None and not 0 <= self.tile_overlap < self.tile:
             raise ValueError(f"tile_overlap must be in [0, tile), got {self.tile_overlap} with tile {self.tile}")
+
+    def channels_last_modules(self) -> list[torch.nn.Module]:
+        return [self.net.vae]
 
     @property
     def latent_per_lr(self) -> float:
@@ -187,6 +191,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         else:
             conditions = (self.check_prompt_embeds(c[None], "each per-frame prompt embedding")
                           for c in prompt_embeds)
+        window = self.compiled("window", self.upscale_window)
         prev = current = c_current = None
         for incoming in frames:
             check_frame(incoming)
@@ -195,12 +200,11 @@ class OSDiffVSRUpscaler(VideoUpscaler):
                 raise ValueError("prompt_embeds ran out before the frames: give one embedding per frame")
             if current is not None:
                 before = incoming if prev is None else prev
-                yield self.upscale_window(before[None], current[None], incoming[None],
-                                          prompt_embeds=c_current)[0].float()
+                yield window(before[None], current[None], incoming[None], prompt_embeds=c_current)[0].float()
             prev, current, c_current = current, incoming, c_incoming
         if current is not None:
             other = current if prev is None else prev
-            yield self.upscale_window(other[None], current[None], other[None], prompt_embeds=c_current)[0].float()
+            yield window(other[None], current[None], other[None], prompt_embeds=c_current)[0].float()
 
     def set_prompt_embeds(self, prompt_embeds: Tensor) -> None:
         """Replace the prompt condition `c` by `(1, L, D)` embeddings (see `network.encode_prompt`)."""
