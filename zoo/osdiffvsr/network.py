@@ -422,7 +422,8 @@ class OSDiffVSRNet(nn.Module):
         c = c.expand(latents.shape[0], -1, -1) if c.shape[0] == 1 else c
         timestep = torch.full((latents.shape[0],), self.config.timestep, device=latents.device, dtype=torch.long)
         eps = self.unet(latents, timestep, encoder_hidden_states=c.to(latents.dtype)).sample
-        return one_step_denoise(latents, eps, self.alpha_t, self.beta_t)
+        # Computed in float32 (the cancellation), returned in the latents' dtype like the UNet's output.
+        return one_step_denoise(latents, eps, self.alpha_t, self.beta_t).to(latents.dtype)
 
     def forward(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
                 prompt_embeds: Tensor | None = None) -> Tensor:
