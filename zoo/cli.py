@@ -174,7 +174,7 @@ def _upscale(ns: argparse.Namespace) -> None:
         frames = video_io.iter_frames(ns.input)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
     model = load(ns.model, pretrained=not ns.random_weights, variant=ns.variant, weights=ns.weights,
-                 device=device, dtype=getattr(torch, ns.dtype))
+                 device=device, dtype=getattr(torch, ns.dtype), compile=ns.compile)
     lr = (frame.to(device, model.dtype) for frame in frames)
     hr = (frame.float().clamp(0, 1).cpu() for frame in model.stream(lr))
     out_fps = fps * model.temporal_scale
@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the per-frame or per-chunk step")
     p.set_defaults(run=_upscale)
 
     add_evaluate_parser(commands, names)
