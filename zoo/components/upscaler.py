@@ -44,9 +44,9 @@ VARIANTS = ("tiny", "full")
 # while `stream()` yields device tensors the caller still holds when the next frame runs and feeds outputs
 # back as inputs (Stream-DiffVSR's previous frame), and the steps draw noise from a `torch.Generator`. Not
 # "max-autotune-no-cudagraphs" by default: it benchmarks Triton templates for every matmul and convolution
-# shape at the first call, which for these networks takes minutes per model and size; pass
-# `compile={"mode": "max-autotune-no-cudagraphs"}` to choose it. `dynamic=False`: each frame size gets its
-# own graph, which the fixed-shape steps want.
+# shape at the first call, a compile time growing with the networks' distinct shapes and not yet measured
+# against its gain here; pass `compile={"mode": "max-autotune-no-cudagraphs"}` to choose it.
+# `dynamic=False`: each frame size gets its own graph, which the fixed-shape steps want.
 COMPILE_DEFAULTS: dict[str, Any] = {"mode": "default", "dynamic": False}
 COMPILE_KEYS = ("backend", "mode", "dynamic", "fullgraph", "options")
 
