@@ -174,7 +174,7 @@ def _upscale(ns: argparse.Namespace) -> None:
         frames = video_io.iter_frames(ns.input)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
     model = load(ns.model, pretrained=not ns.random_weights, variant=ns.variant, weights=ns.weights,
-                 device=device, dtype=getattr(torch, ns.dtype), compile=ns.compile)
+                 device=device, dtype=getattr(torch, ns.dtype), **({"compile": True} if ns.compile else {}))
     lr = (frame.to(device, model.dtype) for frame in frames)
     hr = (frame.float().clamp(0, 1).cpu() for frame in model.stream(lr))
     out_fps = fps * model.temporal_scale
