@@ -1,7 +1,8 @@
 """The contract every hub entry keeps (DESIGN rule 7): a new paper joins by registering, nothing else.
 
 For each registered name: the tiny network builds; inference imports no training code; a whole clip
-equals its stream; an exported folder loads back to the same outputs; odd sizes come back at exactly
+equals its stream; an exported folder loads back to the same outputs (and, with its LoRA merged as
+`zoo.load` does by default, to within float rounding, with no LoRA layer left); odd sizes come back at exactly
 `scale` times; malformed frames raise `ValueError`.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 import zoo
 import zoo.hub as hub
+from zoo.components.lora import lora_layer_count
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_STACK = ("lightning", "pytorch_lightning", "torchmetrics", "pyiqa", "timm", "kornia", "zoo.components.train")
@@ -75,12 +77,28 @@ def test_a_clip_equals_its_stream(entry) -> None:
     assert torch.equal(whole, streamed)
 
 
-def test_export_then_load_reproduces_outputs_exactly(entry, tmp_path: Path) -> None:
-    name, upscaler = entry
+@pytest.mark.parametrize("name", hub.list_models())
+def test_export_then_load_reproduces_outputs_exactly_and_merges_lora(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    upscaler = zoo.load(name, pretrained=False, variant="tiny", merge_lora=False)
+    with torch.no_grad():  # LoRA B starts at zero; random factors make the adapters change the outputs
+        for key, parameter in upscaler.named_parameters():
+            if "lora_B" in key:
+                parameter.normal_(std=0.05)
+    adapted = lora_layer_count(upscaler)
     folder = hub.export(upscaler, tmp_path / "export")
-    loaded = zoo.load(name, weights=folder)
     frames = _frames(2, 16, 16)
-    assert torch.equal(loaded(frames), upscaler(frames))
+    expected = upscaler(frames)
+    assert torch.equal(zoo.load(name, weights=folder, merge_lora=False)(frames), expected)
+
+    merged = zoo.load(name, weights=folder)  # zoo.load merges by default
+    assert lora_layer_count(merged) == 0
+    # Merged vs unmerged float32 outputs in [0, 1]: measured max 6.1e-6 (osdenhancer), 3.0e-6 (osdiffvsr),
+    # 2.8e-6 (pssr), exactly 0 without LoRA (stream_diffvsr); the rounding of W + (alpha / r) B A.
+    torch.testing.assert_close(merged(frames), expected, rtol=0, atol=5e-5)
+    if adapted:
+        with pytest.raises(ValueError, match="LoRA merged into the base weights"):
+            hub.export(merged, tmp_path / "again")
 
 
 def test_odd_sizes_come_back_at_exactly_the_scale(entry) -> None:
@@ -111,3 +129,30 @@ def test_unknown_options_are_refused_by_name(entry) -> None:
         upscaler.configure(colour="red")
     with pytest.raises(ValueError, match="takes no option"):
         zoo.load(name, pretrained=False, variant="tiny", colour="red")
+
+
+@pytest.mark.slow  # dynamo traces each tiny pipeline: 30-100 s per model on one busy core
+@pytest.mark.parametrize("name", hub.list_models())
+def test_compile_matches_eager_without_recompiling_per_frame(name: str) -> None:
+    torch.manual_seed(0)
+    upscaler = zoo.load(name, pretrained=False, variant="tiny")
+    frames = _frames(3, 16, 16)
+    eager = upscaler(frames)
+    graphs = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)  # one call per graph dynamo compiles (each graph break or recompile adds one)
+        return graph.forward
+
+    upscaler.configure(compile={"backend": backend})
+    upscaler(frames[:2])
+    compiled_once = len(graphs)
+    compiled = upscaler(frames)  # more frames (and windows, chunks) of the same size: no new graph
+    assert compiled_once > 0 and len(graphs) == compiled_once
+    assert set(upscaler.compile_seconds) == set(upscaler._compiled) and all(
+        s > 0 for s in upscaler.compile_seconds.values())
+    # Measured max differences: 0 (osdenhancer, pssr), 8.9e-8 (stream_diffvsr) and 4.9e-6 (osdiffvsr): the
+    # channels-last VAE's convolutions sum in another order.
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="compile must be True, False or a dict"):
+        upscaler.configure(compile="yes")

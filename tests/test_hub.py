@@ -21,7 +21,8 @@ def test_registry_names_and_official_repos():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown model 'nope'; choose one of osdiffvsr, stream_diffvsr, osdenhancer, pssr$"):
+    names = "osdiffvsr, stream_diffvsr, osdenhancer, pssr"
+    with pytest.raises(ValueError, match=rf"unknown model 'nope'; choose one of {names}$"):
         zoo.load("nope")
 
 

@@ -64,6 +64,7 @@ OPTION_FLAGS = {
     "chunk_overlap": ("--chunk-overlap", "temporal chunks"),
     "color_fix": ("--color-fix", "colour fix"),
     "seed": ("--seed", "seed (it draws no noise)"),
+    "compile": ("--compile", "graph capture"),
 }
 
 
@@ -740,6 +741,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     options.add_argument("--chunk-overlap", type=int, help="chunk overlap in input frames")
     options.add_argument("--color-fix", choices=("wavelet", "adain", "none"), help="default: the paper's")
     options.add_argument("--seed", type=int, help="noise seed")
+    options.add_argument("--compile", action="store_const", const=True,
+                         help="torch.compile the per-frame or per-chunk step (the first call compiles)")
     out = p.add_argument_group("input and output")
     out.add_argument("--start", help="skip this much of each input: seconds or [HH:]MM:SS[.fff]")
     out.add_argument("--duration", help="upscale this much from --start: seconds or [HH:]MM:SS[.fff]")

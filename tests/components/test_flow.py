@@ -261,3 +261,13 @@ def test_flow_estimator_rejects_bad_arguments() -> None:
         FlowEstimator("medium", pretrained=False)
     with pytest.raises(ValueError, match="src and dst"):
         FlowEstimator("small", pretrained=False)(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+
+
+def test_raft_stays_float32_when_its_model_is_cast_to_bfloat16() -> None:
+    holder = torch.nn.ModuleDict({"flow": FlowEstimator("small", pretrained=False, num_flow_updates=1),
+                                  "head": torch.nn.Linear(2, 2)}).to(torch.bfloat16)
+    assert holder["head"].weight.dtype == torch.bfloat16
+    assert {p.dtype for p in holder["flow"].parameters()} == {torch.float32}
+    image = torch.rand(1, 3, 16, 16)
+    assert holder["flow"](image.bfloat16(), image.bfloat16()).dtype == torch.float32
+    assert {p.dtype for p in holder.double()["flow"].parameters()} == {torch.float64}  # only half casts are kept

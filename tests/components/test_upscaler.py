@@ -9,6 +9,8 @@ from typing import ClassVar
 import pytest
 import torch
 
+import zoo
+import zoo.components.upscaler as upscaler_module
 from zoo.components.color import wavelet_color_fix
 from zoo.components.upscaler import (
     MEMORY_HEADROOM,
@@ -16,8 +18,10 @@ from zoo.components.upscaler import (
     VideoUpscaler,
     check_frame,
     check_frames,
+    compile_settings,
     config_from_dict,
     config_to_dict,
+    use_tf32,
 )
 
 
@@ -136,3 +140,40 @@ def test_default_options_pick_the_largest_tile_that_fits() -> None:
     assert up.default_options(200, 300, free_bytes=1) == {"tile": 64}  # nothing fits: the smallest
     assert up.tile is None  # trying sizes leaves the options as they were
     assert VideoUpscaler.default_options(up, 10, 10, 1) == {"tile": None}  # no tile smaller than the frame
+
+
+def test_tf32_is_set_for_cuda_devices_only() -> None:
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:  # process-wide flags (not monkeypatch-able: torch resolves them through __getattr__)
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+        use_tf32(torch.device("cpu"))
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        use_tf32(torch.device("cuda", 0))
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_moving_a_pipeline_checks_its_device_for_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr(upscaler_module, "use_tf32", seen.append)
+    zoo.load("stream_diffvsr", pretrained=False, variant="tiny").to("cpu")
+    assert seen and all(device == torch.device("cpu") for device in seen)
+
+
+@pytest.mark.parametrize(("value", "settings"), [
+    (False, None),
+    (True, {"mode": "default", "dynamic": False}),
+    ({"backend": "eager"}, {"backend": "eager", "mode": "default", "dynamic": False}),
+    ({"mode": "max-autotune-no-cudagraphs"}, {"mode": "max-autotune-no-cudagraphs", "dynamic": False}),
+    ({"options": {"max_autotune": True}}, {"options": {"max_autotune": True}, "dynamic": False}),
+])
+def test_compile_option_values(value, settings) -> None:
+    assert compile_settings(value) == settings
+
+
+@pytest.mark.parametrize("value", ["yes", None, {"modes": "default"}])
+def test_bad_compile_option_values_are_refused(value) -> None:
+    with pytest.raises(ValueError, match="compile must be True, False or a dict"):
+        compile_settings(value)

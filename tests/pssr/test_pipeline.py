@@ -12,14 +12,14 @@ from safetensors import safe_open
 import zoo.hub
 from zoo.components.tiling import ChunkPlan
 from zoo.hub import WeightsUnavailableError
-from zoo.pssr.network import PSSRConfig
+from zoo.pssr.network import FLOW_SCHEDULER, PSSRConfig, flow_step, speculative_scheduler
 from zoo.pssr.pipeline import FILES, PSSRUpscaler
 
 
 @pytest.fixture(scope="module")
 def upscaler() -> PSSRUpscaler:
     torch.manual_seed(0)
-    up = zoo.hub.load("pssr", pretrained=False, variant="tiny")
+    up = zoo.hub.load("pssr", pretrained=False, variant="tiny", merge_lora=False)  # exported below
     with torch.no_grad():  # a trained-looking net: LoRA and fusion away from their identity starts
         for name, p in up.net.named_parameters():
             if "lora_B" in name or name.startswith("draft.fusion."):
@@ -255,3 +255,14 @@ def test_streams_a_real_clip_of_odd_size(upscaler: PSSRUpscaler) -> None:
     frames = (frame[:, :21, :27] for frame in iter_frames(CLIPS / "dove_002.mp4", max_frames=3))
     out = list(upscaler.stream(frames))
     assert len(out) == 3 and out[0].shape == (3, 84, 108)
+
+
+def test_flow_matching_constants_and_steps_stay_float32_under_bfloat16() -> None:
+    scheduler = speculative_scheduler(4, FLOW_SCHEDULER)
+    assert scheduler.sigmas.dtype == torch.float32  # [1, 0.75, 0.5, 0.25, 0]
+    z = torch.tensor([0.3]).bfloat16()  # 0.30078125
+    velocity = torch.tensor([0.7]).bfloat16()  # 0.69921875
+    z_next, clean = flow_step(scheduler, velocity, z, scheduler.timesteps[0])
+    # z - (1 - 0.75) v = 0.30078125 - 0.1748046875 = 0.1259765625; z - 1 * v = -0.3984375; both in float32.
+    assert z_next.dtype == clean.dtype == torch.float32
+    assert z_next.item() == 0.1259765625 and clean.item() == -0.3984375

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -72,8 +73,8 @@ class FlowEstimator(nn.Module):
         num_flow_updates: RAFT's recurrent refinement iterations (12 by default in RAFT); fewer is
             faster and coarser.
         autocast_dtype: run RAFT under `torch.autocast` with this dtype (`torch.bfloat16` or
-            `torch.float16` on CUDA); `None` runs in the module's dtype. The flow is returned in
-            float32 either way.
+            `torch.float16` on CUDA); `None` runs in the module's dtype, float32 also inside a model cast
+            to a half dtype (`_apply`). The flow is returned in float32 either way.
         signed_inputs: images come in RAFT's input range `[-1, 1]` and are used as they are (e.g.
             bicubic-upsampled frames with their overshoot); else they are in `[0, 1]` and rescaled.
     """
@@ -111,6 +112,16 @@ class FlowEstimator(nn.Module):
         # Images are downsampled 8x, then the correlation volume 2x per extra pyramid level, and
         # its coarsest level needs at least 2 entries per side.
         self.min_size = 8 * 2 * 2 ** (self.raft.corr_block.num_levels - 1)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FlowEstimator:
+        # A float32 island: casting a model to a half dtype leaves RAFT in float32. Its correlation volumes
+        # and recurrent updates accumulate flow in pixels, where bfloat16's 8-bit mantissa is off by whole
+        # pixels on HD frames; `autocast_dtype` is the explicit way to run it in half precision.
+        def keep_float32(tensor: Tensor) -> Tensor:
+            out = fn(tensor)
+            return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+        return super()._apply(keep_float32, recurse)
 
     def train(self, mode: bool = True) -> FlowEstimator:
         # RAFT is frozen: a parent module switching to train mode must not update its BatchNorm stats.

@@ -6,7 +6,8 @@
   on any `nn.Module`, diffusers models included) and freezes every base weight.
 - `lora_state_dict` / `load_lora_state_dict` / `save_lora` / `load_lora`: adapter-only weights (safetensors),
   loaded strictly.
-- `merge_lora(model)`: folds the peft adapters into the base weights for inference.
+- `merge_lora(model)`: folds the peft adapters into the base weights for inference; `lora_layer_count` counts
+  the peft layers left.
 - `MaskedLoRA`: a LoRA delta multiplied element-wise by a per-token mask (OSDEnhancer's temporal expert),
   applied with `apply_masked_lora` and fed with `masked_lora_mask(model, mask)`.
 
@@ -206,6 +207,11 @@ def load_lora(path: str | Path, model: nn.Module, adapter_name: str = "default")
         adapter_name: the adapter to fill.
     """
     load_lora_state_dict(model, load_file(str(path)), adapter_name)
+
+
+def lora_layer_count(model: nn.Module) -> int:
+    """How many peft LoRA layers `model` holds (each a base layer plus its low-rank branches)."""
+    return sum(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -13,15 +13,25 @@ Weights travel as Hub folders: `config.json` (`{"hub_name": ..., "config": {...}
 read only by `write_config` / `read_config_data`) next to `model.safetensors`. Papers whose official
 checkpoints use another layout (diffusers subfolders) override `save_pretrained` /
 `from_pretrained` and keep using those two for their own settings.
+
+Speed (shared by every pipeline):
+
+- `merge_lora()` folds peft LoRA adapters into their base weights (`zoo.load` does it); a merged model
+  refuses `save_pretrained`, whose folders keep adapters separate.
+- The `compile` option wraps a pipeline's fixed-shape per-frame or per-chunk step in `torch.compile`
+  (`compiled`); `compile_seconds` reports each step's first call, compilation included.
+- Moving a pipeline to a CUDA device turns TF32 on for float32 matmuls and convolutions (`use_tf32`):
+  the float32 islands of a bfloat16 model (RAFT, warps, VAEs kept in float32) then run on tensor cores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +53,74 @@ TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128, 96, 64)
 MEMORY_HEADROOM = 0.8
 """Share of the free memory `default_options` plans for: the estimates are measured on CPU and
 extrapolated, and allocators fragment (CUDA's caching allocator, cuDNN workspaces)."""
+
+# `torch.compile` settings of `compile=True`. Inductor's default mode: fused pointwise kernels, cuBLAS / cuDNN
+# for the matmuls and convolutions. Not "reduce-overhead": its CUDA graphs replay into fixed output buffers,
+# while `stream()` yields device tensors the caller still holds when the next frame runs and feeds outputs
+# back as inputs (Stream-DiffVSR's previous frame), and the steps draw noise from a `torch.Generator`. Not
+# "max-autotune-no-cudagraphs" by default: it benchmarks Triton templates for every matmul and convolution
+# shape at the first call, a compile time growing with the networks' distinct shapes and not yet measured
+# against its gain here; pass `compile={"mode": "max-autotune-no-cudagraphs"}` to choose it.
+# `dynamic=False`: each frame size gets its own graph, which the fixed-shape steps want.
+COMPILE_DEFAULTS: dict[str, Any] = {"mode": "default", "dynamic": False}
+COMPILE_KEYS = ("backend", "mode", "dynamic", "fullgraph", "options")
+
+
+def use_tf32(device: torch.device) -> None:
+    """Let float32 matmuls and convolutions on a CUDA `device` use TF32 tensor cores; other devices: nothing.
+
+    Set when a pipeline moves to CUDA (`VideoUpscaler._apply`), not at import: a process that only imports
+    the zoo keeps PyTorch's defaults.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def compile_settings(value: Any) -> dict[str, Any] | None:
+    """`torch.compile` keyword arguments of a `compile` option value; None when it is off.
+
+    Args:
+        value: False (eager), True (`COMPILE_DEFAULTS`), or a dict of `torch.compile` arguments
+            (`backend`, `mode`, `dynamic`, `fullgraph`, `options`) that override `COMPILE_DEFAULTS`.
+    """
+    if value is False:
+        return None
+    if value is True:
+        return dict(COMPILE_DEFAULTS)
+    if isinstance(value, dict) and set(value) <= set(COMPILE_KEYS):
+        settings = {**COMPILE_DEFAULTS, **value}
+        if "options" in value:  # torch.compile takes either a mode or inductor options
+            settings.pop("mode")
+        return settings
+    raise ValueError(f"compile must be True, False or a dict of torch.compile arguments "
+                     f"({', '.join(COMPILE_KEYS)}), got {value!r}")
+
+
+class CompiledStep:
+    """`torch.compile(fn)` that also times its first call (tracing and code generation included).
+
+    Args:
+        fn: the step to compile.
+        settings: `torch.compile` keyword arguments.
+
+    Attributes:
+        first_call_s: seconds of the first call, device work included (synchronised on CUDA); None before it.
+    """
+
+    def __init__(self, fn: Callable[..., Any], settings: dict[str, Any]) -> None:
+        self.fn = torch.compile(fn, **settings)
+        self.first_call_s: float | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.first_call_s is not None:
+            return self.fn(*args, **kwargs)
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        if any(isinstance(a, Tensor) and a.is_cuda for a in (*args, *kwargs.values())):
+            torch.cuda.synchronize()
+        self.first_call_s = time.perf_counter() - start
+        return out
 
 
 def check_variant(variant: str) -> str:
@@ -166,6 +244,10 @@ class VideoUpscaler(nn.Module):
     - `default_options(height, width, free_bytes)`: tiles (the base class) or chunks (override)
       that fit the free memory; `zoo upscale` applies and logs them where the user set none.
 
+    A pipeline that lists the option `compile` (`compile_settings`) runs its per-frame or per-chunk step
+    through `compiled(name, fn)`; setting it also switches `channels_last_modules()` (a 2-D convolutional
+    VAE) to the channels-last memory format, which cuDNN's and inductor's convolutions prefer.
+
     Args:
         config: the network config dataclass (`config_class.tiny()` / `.full()` or loaded).
     """
@@ -184,6 +266,8 @@ class VideoUpscaler(nn.Module):
         self.config = config
         for name, default in self.options.items():
             setattr(self, name, default)
+        self.lora_merged = False
+        self._compiled: dict[str, CompiledStep] = {}
 
     def configure(self, **options: Any) -> VideoUpscaler:
         """Set runtime options (see `options`); returns self."""
@@ -191,6 +275,12 @@ class VideoUpscaler(nn.Module):
         if unknown:
             takes = ", ".join(self.options) or "none"
             raise ValueError(f"{self.hub_name} takes no option(s) {', '.join(unknown)}; its options are {takes}")
+        if "compile" in options:
+            settings = compile_settings(options["compile"])
+            self._compiled = {}  # steps compiled with the previous settings
+            memory_format = torch.contiguous_format if settings is None else torch.channels_last
+            for module in self.channels_last_modules():
+                module.to(memory_format=memory_format)
         for name, value in options.items():
             setattr(self, name, value)
         self._check_shared_options()
@@ -261,6 +351,65 @@ class VideoUpscaler(nn.Module):
         finally:
             self.tile = current
 
+    # Speed -------------------------------------------------------------------------------
+
+    def channels_last_modules(self) -> list[nn.Module]:
+        """Modules switched to channels-last with the `compile` option: a pipeline's 2-D convolutional VAE."""
+        return []
+
+    def compiled(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn`, or with the `compile` option its `CompiledStep` (built once per name and setting).
+
+        Args:
+            name: the step's name in `compile_seconds`.
+            fn: a fixed-shape step: given inputs of one size, it runs the same operations every call.
+        """
+        settings = compile_settings(self.compile)
+        if settings is None:
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = CompiledStep(fn, settings)
+        return self._compiled[name]
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        """Seconds of the first call of each compiled step (compilation included), by step name."""
+        return {name: step.first_call_s for name, step in self._compiled.items() if step.first_call_s is not None}
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> VideoUpscaler:
+        super()._apply(fn, recurse)
+        device = next((p.device for p in self.parameters()), None)
+        if device is not None:
+            use_tf32(device)
+        return self
+
+    def merge_lora(self) -> int:
+        """Fold every peft LoRA adapter into its base weights, for inference; returns the layers merged.
+
+        `W <- W + (alpha / r) B A` per adapted layer (peft's own merge), so the LoRA branches' matmuls and
+        kernel launches disappear. Adapters that are not a constant weight delta (a per-token gated or
+        masked LoRA, e.g. OSDEnhancer's TR expert) are not peft layers and stay as they are. A merged model
+        refuses `save_pretrained`: its folders store the adapters apart from the base weights, and the sum
+        cannot be split back exactly.
+        """
+        from zoo.components.lora import lora_layer_count, merge_lora
+
+        merged = 0
+        for module in list(self.modules()):
+            count = lora_layer_count(module) if getattr(module, "peft_config", None) else 0
+            if count:
+                merge_lora(module)
+                merged += count
+        self.lora_merged = self.lora_merged or merged > 0
+        return merged
+
+    def check_exportable(self) -> None:
+        """Raise `ValueError` when this model's weights cannot be written as a weights folder (merged LoRA)."""
+        if self.lora_merged:
+            raise ValueError(f"this {self.hub_name} model has its LoRA merged into the base weights for inference, "
+                             f"and a weights folder keeps the adapters separate; export the unmerged model "
+                             f"(zoo.load(..., merge_lora=False) or the training module's to_upscaler())")
+
     @classmethod
     def from_variant(cls, variant: str) -> VideoUpscaler:
         """Randomly initialised network of size `variant` (`"tiny"` or `"full"`); no download."""
@@ -323,6 +472,7 @@ class VideoUpscaler(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `config.json` and `model.safetensors` into `folder` (created if missing)."""
+        self.check_exportable()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.write_config(folder)

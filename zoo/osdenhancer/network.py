@@ -307,6 +307,12 @@ class GatedLoRA(nn.Module):
     A starts Kaiming-uniform and B at zero, so a new expert adds nothing. It lives next to the layer it
     adapts (`attn1.to_q_TC_lora` beside `attn1.to_q`), as in the official checkpoint.
 
+    Unlike the SE expert (a peft adapter, folded into its base weight by `VideoUpscaler.merge_lora`), it
+    cannot be merged for inference: its gate m differs per token and output channel and is computed from
+    each chunk's residual latents, so `W z + m ⊙ B A z` is no fixed matrix times z; and it reaches the video
+    tokens only, not the text tokens that share the layer. Both experts are always active (Eq. 7 sums
+    them), so the SE merge is exact whatever the gate.
+
     Args:
         in_features: the adapted layer's input width.
         out_features: its output width.

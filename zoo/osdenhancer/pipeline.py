@@ -101,6 +101,9 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         chunk_overlap: output frames shared by neighbouring chunks, in [0, chunk).
         overlap: `"blend"` cross-fades overlapping frames, `"drop"` keeps the earlier chunk's (official).
         seed: seed of the posterior noise when no generator is given.
+        compile: run each chunk's networks (`OSDEnhancerNet.upscale_clip`, fixed-shape per chunk length)
+            through `torch.compile` (see `VideoUpscaler.compiled`). Its VAE stays in the default memory
+            format: its convolutions are 3-D and causal in time, with frames concatenated per call.
 
     Args:
         config: the network config (`OSDEnhancerConfig.tiny()` / `.full()` or loaded).
@@ -110,7 +113,7 @@ class OSDEnhancerUpscaler(VideoUpscaler):
     hub_name = "osdenhancer"
     config_class = OSDEnhancerConfig
     options: ClassVar[dict[str, Any]] = {"scale": 4, "temporal_scale": 2, "chunk": 33, "chunk_overlap": 8,
-                                         "overlap": "blend", "seed": 0}
+                                         "overlap": "blend", "seed": 0, "compile": False}
     temporal_scales = ()  # any int >= 1 (`check_options`)
 
     def __init__(self, config: OSDEnhancerConfig, net: OSDEnhancerNet | None = None) -> None:
@@ -214,10 +217,10 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         video = pad_frames(torch.stack([item[0] for item in items]), padded)
         residual = pad_frames(torch.stack([item[1] for item in items]), padded)
         dtype = self.net.vae.dtype
-        decoded = self.net.upscale_clip(video.transpose(0, 1)[None].to(dtype),
-                                        residual.transpose(0, 1)[None].to(dtype), generator)
-        frames = items[0][2].crop(decoded[0, :, :length].transpose(0, 1))
-        return (frames * 0.5 + 0.5).clamp(0, 1)
+        decoded = self.compiled("chunk", self.net.upscale_clip)(video.transpose(0, 1)[None].to(dtype),
+                                                                residual.transpose(0, 1)[None].to(dtype), generator)
+        frames = items[0][2].crop(decoded[0, :, :length].transpose(0, 1)).float()
+        return (frames * 0.5 + 0.5).clamp(0, 1)  # to [0, 1] in float32 (bfloat16 steps by 1/256 below 1)
 
     def default_generator(self) -> torch.Generator:
         """A generator on the model's device seeded with the `seed` option."""
@@ -300,6 +303,7 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         and one safetensors file whose keys are the official ones (the SE adapter in peft's layout
         `<layer>.base_layer.weight`, `<layer>.lora_A.TE_lora.weight`, ...).
         """
+        self.check_exportable()
         folder = Path(folder)
         net = self.net
         (folder / "transformer").mkdir(parents=True, exist_ok=True)

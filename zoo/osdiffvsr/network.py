@@ -215,10 +215,15 @@ def one_step_denoise(z: Tensor, eps: Tensor, alpha_t: float, beta_t: float) -> T
         eps: the UNet's noise prediction `eps_theta(Z; T, c)`.
         alpha_t: `sqrt(abar_T)`.
         beta_t: `sqrt(1 - abar_T)`.
+
+    Returns:
+        `Z_hat` in float32, whatever the dtype of `z` and `eps`.
     """
     # Eq. (2), OS-DiffVSR. Written out rather than `DDPMScheduler.step`: with one step that returns the
-    # same x0 plus a 1e-10-scaled noise draw, which costs a random-number call for nothing.
-    return (z - beta_t * eps) / alpha_t
+    # same x0 plus a 1e-10-scaled noise draw, which costs a random-number call for nothing. A float32 island:
+    # at T = 999 the difference nearly cancels and 1 / alpha_T is about 15, so bfloat16 latents are promoted
+    # and the constants (Python floats from float64) enter in float32; the result is float32.
+    return (z.float() - beta_t * eps.float()) / alpha_t
 
 
 # Multi-frame fusion, Eqs. (8)-(14) -----------------------------------------------------------
@@ -374,8 +379,9 @@ class OSDiffVSRNet(nn.Module):
         return self.vae.encode(up * 2 - 1).latent_dist.mode() * self.config.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
-        """HR frames `(N, 3, f*h, f*w)` in [0, 1] from latents (`f` the VAE factor), through the frozen decoder."""
-        return (self.vae.decode(latents / self.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2
+        """HR frames `(N, 3, f*h, f*w)` in [0, 1], float32, from latents (`f` the VAE factor), by the frozen decoder."""
+        sample = self.vae.decode((latents / self.config.scaling_factor).to(self.vae.dtype)).sample
+        return (sample.float().clamp(-1, 1) + 1) / 2  # to [0, 1] in float32 (bfloat16 steps by 1/256 below 1)
 
     def align(self, prev: Tensor, current: Tensor, next_: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. (8): the neighbours warped onto the current frame, `(I^w_{i-1}, I^w_{i+1})`.
@@ -416,7 +422,8 @@ class OSDiffVSRNet(nn.Module):
         c = c.expand(latents.shape[0], -1, -1) if c.shape[0] == 1 else c
         timestep = torch.full((latents.shape[0],), self.config.timestep, device=latents.device, dtype=torch.long)
         eps = self.unet(latents, timestep, encoder_hidden_states=c.to(latents.dtype)).sample
-        return one_step_denoise(latents, eps, self.alpha_t, self.beta_t)
+        # Computed in float32 (the cancellation), returned in the latents' dtype like the UNet's output.
+        return one_step_denoise(latents, eps, self.alpha_t, self.beta_t).to(latents.dtype)
 
     def forward(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
                 prompt_embeds: Tensor | None = None) -> Tensor:

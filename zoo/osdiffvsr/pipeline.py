@@ -99,7 +99,9 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     Options (`configure`): `tile`, the side in LR pixels of the square tiles on which the UNet step
     runs, blended where they overlap (None: whole frames), `tile_overlap`, their overlap in LR
-    pixels, and `color_fix` (`"adain"`, `"wavelet"` or `"none"`).
+    pixels, `color_fix` (`"adain"`, `"wavelet"` or `"none"`), and `compile`, which runs each window
+    (`upscale_window`, one frame's fixed-shape step) through `torch.compile` with the VAE in
+    channels-last (see `VideoUpscaler.compiled`).
 
     Args:
         config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -113,7 +115,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     # here because it takes only the input's low-frequency band, which is as steady from frame to frame
     # as the input itself, whereas AdaIN matches each frame's global channel statistics, which shift
     # with the content in view and can make a video's colours pump.
-    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32, "color_fix": "wavelet"}
+    options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32, "color_fix": "wavelet",
+                                         "compile": False}
     scales = (4,)
     memory = MEMORY
 
@@ -125,6 +128,9 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     def check_options(self) -> None:
         if self.tile is not None and not 0 <= self.tile_overlap < self.tile:
             raise ValueError(f"tile_overlap must be in [0, tile), got {self.tile_overlap} with tile {self.tile}")
+
+    def channels_last_modules(self) -> list[torch.nn.Module]:
+        return [self.net.vae]
 
     @property
     def latent_per_lr(self) -> float:
@@ -209,6 +215,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         else:
             conditions = (self.check_prompt_embeds(c[None], "each per-frame prompt embedding")
                           for c in prompt_embeds)
+        window = self.compiled("window", self.upscale_window)
         prev = current = c_current = None
         for incoming in frames:
             check_frame(incoming)
@@ -217,12 +224,11 @@ class OSDiffVSRUpscaler(VideoUpscaler):
                 raise ValueError("prompt_embeds ran out before the frames: give one embedding per frame")
             if current is not None:
                 before = incoming if prev is None else prev
-                yield self.upscale_window(before[None], current[None], incoming[None],
-                                          prompt_embeds=c_current)[0].float()
+                yield window(before[None], current[None], incoming[None], prompt_embeds=c_current)[0].float()
             prev, current, c_current = current, incoming, c_incoming
         if current is not None:
             other = current if prev is None else prev
-            yield self.upscale_window(other[None], current[None], other[None], prompt_embeds=c_current)[0].float()
+            yield window(other[None], current[None], other[None], prompt_embeds=c_current)[0].float()
 
     def set_prompt_embeds(self, prompt_embeds: Tensor) -> None:
         """Replace the prompt condition `c` by `(1, L, D)` embeddings (see `network.encode_prompt`)."""
@@ -240,6 +246,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `config.json` and the safetensors files listed in the module docstring."""
+        self.check_exportable()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.write_config(folder)

@@ -79,6 +79,9 @@ class PSSRUpscaler(VideoUpscaler):
     - `chunk_overlap`: frames shared by neighbouring chunks.
     - `tile`: side of square LR tiles (a multiple of 4), or None for whole frames.
     - `tile_overlap`: overlap of neighbouring tiles in LR pixels (a multiple of 4).
+    - `compile`: run the sampler of each chunk (or tile), a fixed-shape step, through `torch.compile`
+      (see `VideoUpscaler.compiled`). The Wan VAE keeps the default memory format: its convolutions are
+      3-D and causal in time, with cached frames concatenated per call.
 
     Args:
         config: the network config (`PSSRConfig.tiny()` / `.full()` or loaded).
@@ -96,6 +99,7 @@ class PSSRUpscaler(VideoUpscaler):
         "chunk_overlap": 8,
         "tile": None,
         "tile_overlap": 32,
+        "compile": False,
     }
     scales = (4,)
 
@@ -142,10 +146,11 @@ class PSSRUpscaler(VideoUpscaler):
         """
         check_frames(lr)  # values once per chunk: one device sync, not one per frame
         lr, padding = pad_to_multiple(lr.to(self.device, torch.float32), self.net.size_multiple)
+        sample = self.compiled("chunk", self.sample)
         if self.tile is None:
-            hr = self.sample(lr)
+            hr = sample(lr)
         else:
-            hr = TilePlan(*lr.shape[-2:], self.tile, self.tile_overlap, scale=self.scale).apply(self.sample, lr)
+            hr = TilePlan(*lr.shape[-2:], self.tile, self.tile_overlap, scale=self.scale).apply(sample, lr)
         return padding.crop(hr, self.scale)
 
     def stream(self, frames: Iterable[Tensor]) -> Iterator[Tensor]:
@@ -162,6 +167,7 @@ class PSSRUpscaler(VideoUpscaler):
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `config.json` and the safetensors files listed in the module docstring."""
+        self.check_exportable()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.write_config(folder)

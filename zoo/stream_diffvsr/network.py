@@ -501,10 +501,17 @@ class StreamDiffVSRNet(nn.Module):
         return result.prev_sample, result.pred_original_sample
 
     def sample(self, noise: Tensor, lr: Tensor, warped_prev: Tensor | None) -> Tensor:
-        """Run the DDIM sampler from `noise` (z_T) and return the clean latents."""
-        latents = noise
+        """Run the DDIM sampler from `noise` (z_T) and return the clean latents, float32.
+
+        A float32 island under a half dtype: the latents z_t and the DDIM update (the scheduler's float32
+        `alphas_cumprod`; in bfloat16 the last step's alpha_bar_0 = 0.9999 would round to 1.0) stay float32,
+        and only the networks' inputs are cast to their dtype.
+        """
+        dtype = self.unet.dtype
+        latents = noise.float()
         for t in self.timesteps:
-            latents, _ = self.step(self.denoise(latents, lr, t, warped_prev), t, latents)
+            output = self.denoise(latents.to(dtype), lr, t, warped_prev)
+            latents, _ = self.step(output.float(), t, latents)
         return latents
 
     def upscale_frame(self, lr: Tensor, noise: Tensor, warped_prev: Tensor | None) -> Tensor:
@@ -515,6 +522,6 @@ class StreamDiffVSRNet(nn.Module):
             noise: initial latents `(B, 4, h, w)`.
             warped_prev: the previous HR output warped to this frame, or None for the first frame.
         """
-        latents = self.sample(noise, lr, warped_prev)
+        latents = self.sample(noise, lr, warped_prev).to(self.vae.dtype)
         features = None if warped_prev is None else self.vae.temporal_features(warped_prev.to(latents.dtype))
         return self.vae.decode(latents, features)

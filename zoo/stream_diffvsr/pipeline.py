@@ -122,13 +122,9 @@ class StreamSession:
         if self.prev_lr is not None and self.prev_lr.shape != lr.shape:
             raise ValueError(f"every frame of a stream must have one size; got {tuple(lr_frame.shape[-2:])} after "
                              f"frames of another size")
-        net = up.net
-        noise = torch.randn((1, net.vae.config.latent_channels, *lr.shape[-2:]), generator=self.generator,
-                            device=up.device, dtype=torch.float32).to(up.dtype)
-        warped_prev = None
-        if self.prev_hr is not None:
-            warped_prev = up.warp_previous(self.prev_hr, lr, self.prev_lr)
-        hr = net.upscale_frame(lr.to(up.dtype), noise, warped_prev)
+        noise = torch.randn((1, up.net.vae.config.latent_channels, *lr.shape[-2:]), generator=self.generator,
+                            device=up.device, dtype=torch.float32)  # the sampler keeps z_t in float32
+        hr = up.compiled("frame", up.frame_step)(lr, noise, self.prev_lr, self.prev_hr)
         # The next frame is guided by the raw decoder output, as in the official pipeline.
         self.prev_lr, self.prev_hr = lr, hr
         out = (hr.float() / 2 + 0.5).clamp(0, 1)
@@ -138,11 +134,14 @@ class StreamSession:
 class StreamDiffVSRUpscaler(VideoUpscaler):
     """Stream-DiffVSR (x4): causal, one previous frame of state, 4-step DDIM with ARTG and TPM.
 
-    Option (`configure`): `flow_resolution`, where RAFT runs: `"hr"` (default) on the LR frames
+    Options (`configure`): `flow_resolution`, where RAFT runs: `"hr"` (default) on the LR frames
     upsampled x4 bicubically, as the official pipeline does and the checkpoints were trained with;
     `"lr"` on the LR frames themselves with the flow resized x4 (16x fewer flow pixels, faster, a
     coarser flow). It is an option, not a config field, because it changes how frames are processed,
-    not the weights: every checkpoint runs with either.
+    not the weights: every checkpoint runs with either. `compile` runs each frame's fixed-shape step
+    (`frame_step`: flow, warp, DDIM, decoding) through `torch.compile` with the autoencoder in
+    channels-last (see `VideoUpscaler.compiled`); the first frame, without a previous one, is a graph of
+    its own.
 
     Args:
         config: the network config (`StreamDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -153,7 +152,7 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
     hub_name = "stream_diffvsr"
     config_class = StreamDiffVSRConfig
     # The official pipeline applies no colour fix (its output is the decoder's, clamped).
-    options: ClassVar[dict[str, Any]] = {"flow_resolution": "hr", "color_fix": "none"}
+    options: ClassVar[dict[str, Any]] = {"flow_resolution": "hr", "color_fix": "none", "compile": False}
     scales = (4,)
     memory = MEMORY
 
@@ -190,6 +189,21 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         flow = flow_to_previous(self.flow, lr, prev_lr, self.scale, self.flow_resolution)
         return stream_warp(prev_hr, flow)
 
+    def channels_last_modules(self) -> list[torch.nn.Module]:
+        return [self.net.vae]
+
+    def frame_step(self, lr: Tensor, noise: Tensor, prev_lr: Tensor | None, prev_hr: Tensor | None) -> Tensor:
+        """One frame's networks: the raw HR output `(1, 3, 4h, 4w)` of `lr` (padded, in `[-1, 1]`).
+
+        Args:
+            lr: the current LR frame `(1, 3, h, w)` in `[-1, 1]`, float32.
+            noise: z_T `(1, 4, h, w)`, float32.
+            prev_lr: the previous LR frame, or None for the first frame.
+            prev_hr: the previous raw HR output, or None for the first frame (then no ARTG and TPM).
+        """
+        warped_prev = None if prev_hr is None else self.warp_previous(prev_hr, lr, prev_lr)
+        return self.net.upscale_frame(lr.to(self.dtype), noise, warped_prev)
+
     def session(self) -> StreamSession:
         """A new causal stream."""
         return StreamSession(self)
@@ -208,6 +222,7 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         Extras: `prompt_embeds.safetensors` (the empty-prompt embedding), `config.json` (streaming
         settings) and `flow/model.safetensors` (the RAFT weights, so the folder needs no other download).
         """
+        self.check_exportable()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("unet", "controlnet", "vae"):
