@@ -8,6 +8,7 @@ A bound runs the pipeline's own submodules on inputs of the right shape on the p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -58,9 +59,55 @@ def _stream_diffvsr(up: VideoUpscaler, height: int, width: int) -> int:
     return _count(run)
 
 
-BOUNDS: dict[str, Callable[[VideoUpscaler, int, int], int]] = {
+def _osdenhancer(up: VideoUpscaler, height: int, width: int) -> int | None:
+    """One output frame's share of one chunk of `chunk` (8n + 1) output frames, each passing once through the
+    VAE encoder twice (the blended video I†_in and the residual I^Δ, Eqs. 2-3), the transformer's tokens and
+    the decoder, at the output size rounded up to the 16 pixels the network needs (8x VAE, 2x2 patches).
+
+    The chunk, not the clip, is the unit: the transformer attends over a whole chunk, so its per-frame cost
+    grows with the chunk's length and one chunk is the cheapest way the method sees `chunk` frames. What the
+    pipeline adds on top is its own choice, measured by the ratio: frames shared by overlapping chunks,
+    padding a short chunk to 8n + 1 frames, and the VAE's overlapping spatial tiles (disabled here).
+    None with `chunk=None` (one chunk per clip: the bound would depend on the clip's length).
+    """
+    if up.chunk is None:
+        return None
+    net, frames = up.net, up.chunk
+    out_height, out_width = (16 * math.ceil(math.floor(up.scale * side) / 16) for side in (height, width))
+    video = torch.zeros(1, 3, frames, out_height, out_width, device=up.device, dtype=net.vae.dtype)
+
+    def run() -> None:
+        latents = net.encode(video, sample=False)
+        residual_latents = net.encode(video, sample=False)
+        net.decode(net.denoise(latents, residual_latents))
+
+    tiling = net.vae.use_tiling
+    net.vae.use_tiling = False
+    try:
+        return _count(run) // frames
+    finally:
+        net.vae.use_tiling = tiling
+
+
+def _pssr(up: VideoUpscaler, height: int, width: int) -> int:
+    """One LR frame's share of the speculative sampler on one chunk of `chunk` (4n + 1) frames at the LR size
+    rounded up to the network's size multiple: the VAE encoder on the bicubic x4 frames, one base DiT step,
+    T - 1 draft steps and the T decodes the frequency-domain update reads (Eqs. 5, 6, 13, 14; T = `num_steps`).
+
+    As for OSDEnhancer the chunk is the unit (the DiTs attend over it); the pipeline's chunk overlap,
+    temporal padding and spatial tiles are measured by the ratio.
+    """
+    multiple = up.net.size_multiple
+    lr = torch.zeros(up.chunk, 3, multiple * math.ceil(height / multiple), multiple * math.ceil(width / multiple),
+                     device=up.device)
+    return _count(lambda: up.sample(lr)) // up.chunk
+
+
+BOUNDS: dict[str, Callable[[VideoUpscaler, int, int], int | None]] = {
     "osdiffvsr": _osdiffvsr,
     "stream_diffvsr": _stream_diffvsr,
+    "osdenhancer": _osdenhancer,
+    "pssr": _pssr,
 }
 
 

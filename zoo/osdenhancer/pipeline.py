@@ -154,7 +154,7 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         scale, num_interpolated = self.scale, self.temporal_scale - 1
         previous = previous_up = None
         for frame in frames:
-            check_frame(frame)
+            check_frame(frame, values=previous is None)  # values once per clip: reading them is a host sync
             if previous is not None and frame.shape != previous.shape:
                 raise ValueError(f"every frame of a clip must have one size; got {tuple(frame.shape[-2:])} after "
                                  f"frames of {tuple(previous.shape[-2:])}")

@@ -188,8 +188,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             conditions = (self.check_prompt_embeds(c[None], "each per-frame prompt embedding")
                           for c in prompt_embeds)
         prev = current = c_current = None
-        for incoming in frames:
-            check_frame(incoming)
+        for index, incoming in enumerate(frames):
+            check_frame(incoming, values=index == 0)  # values once per clip: reading them is a host sync
             c_incoming = next(conditions, _EXHAUSTED)
             if c_incoming is _EXHAUSTED:
                 raise ValueError("prompt_embeds ran out before the frames: give one embedding per frame")
