@@ -323,7 +323,7 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
     count = count_stream(fake, mode, lr)
     per_frame = {group: value / count.frames_out for group, value in count.flops.items()}
     with torch.no_grad(), mode:
-        bound = flop_bound(fake, *lr_size)
+        bound = flop_bound(fake, *lr_size, frames)
     del fake
     result = {
         "model": model, "size": size, "device": str(torch_device), "dtype": dtype, "threads": threads,
