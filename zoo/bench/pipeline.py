@@ -188,18 +188,17 @@ class DispatchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func.namespace == "aten":
+            if _is_view(func):
+                self.views += 1
+            else:
+                self.launches += 1
         tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
         if tensors and not any(isinstance(x, FakeTensor) for x in tensors):
             with _disable_current_modes():  # host data: computed for real, never a device sync
                 return func(*args, **kwargs)
-        if func.namespace != "aten":
-            return func(*args, **kwargs)
         if func in HOST_SYNC_OPS:
             raise HostSyncError(f"{func} reads a device tensor's values on the host (a host sync)")
-        if _is_view(func):
-            self.views += 1
-        else:
-            self.launches += 1
         return func(*args, **kwargs)
 
 
