@@ -81,3 +81,14 @@ def test_threads_are_set_reported_and_at_most_the_cores(toy, monkeypatch) -> Non
         assert result["threads"] == 2 == torch.get_num_threads() and result["cores"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_count_only_reports_the_count_without_timing(toy, tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    zoo_main(["bench", "--model", "toy", "--height", "8", "--width", "8", "--frames", "2", "--count-only",
+              "--json", str(out), "--vs", "frames=3"])
+    result = json.loads(out.read_text())
+    base = result["baseline"]
+    assert not base["timed"] and "ms_per_frame" not in base and result["speedup"] is None
+    # Per frame: upsample, conv, relu, conv, add, clamp (see tests/bench/test_counting.py).
+    assert base["launches_per_frame"] == 6 and result["launches_ratio"] == 1
