@@ -31,3 +31,19 @@ def test_stream_diffvsr_embeds_the_controlnet_condition_once_per_frame() -> None
         session.prev_lr, session.prev_hr = lr, hr
         reference.append((hr[0] / 2 + 0.5).clamp(0, 1))
     assert torch.equal(out, torch.stack(reference))
+
+
+def test_osdenhancer_runs_its_vae_untiled_unless_asked() -> None:
+    from zoo.bench.bounds import flop_bound
+    from zoo.bench.pipeline import count_stream, fake_upscaler
+
+    up, mode = fake_upscaler("osdenhancer", "tiny")
+    vae = up.net.vae
+    assert (vae.tile_sample_min_height, vae.tile_sample_min_width) == (240, 360)
+    frames = [torch.rand(3, 64, 96) for _ in range(2)]  # 256x384 output: 2x2 tiles
+    with torch.no_grad(), mode:
+        bound = flop_bound(up.configure(chunk=9), 64, 96, len(frames))
+    untiled = count_stream(up, mode, frames)
+    tiled = count_stream(up.configure(vae_tiling=True), mode, frames)
+    assert untiled.flops["total"] / untiled.frames_out <= 1.0001 * bound  # the bare networks' FLOPs
+    assert tiled.flops["total"] / tiled.frames_out > 1.2 * bound  # the official tiles: overlapping work
