@@ -35,13 +35,13 @@ def test_stream_diffvsr_embeds_the_controlnet_condition_once_per_frame() -> None
 
 def test_osdenhancer_runs_its_vae_untiled_unless_asked() -> None:
     from zoo.bench.bounds import flop_bound
-    from zoo.bench.pipeline import count_stream, fake_upscaler
+    from zoo.bench.pipeline import DispatchCounter, count_stream, fake_upscaler
 
     up, mode = fake_upscaler("osdenhancer", "tiny")
     vae = up.net.vae
     assert (vae.tile_sample_min_height, vae.tile_sample_min_width) == (240, 360)
     frames = [torch.rand(3, 64, 96) for _ in range(2)]  # 256x384 output: 2x2 tiles
-    with torch.no_grad(), mode:
+    with torch.no_grad(), mode, DispatchCounter():
         bound = flop_bound(up.configure(chunk=9), 64, 96, len(frames))
     untiled = count_stream(up, mode, frames)
     tiled = count_stream(up.configure(vae_tiling=True), mode, frames)
