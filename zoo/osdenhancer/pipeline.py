@@ -105,7 +105,7 @@ class OSDEnhancerUpscaler(VideoUpscaler):
             bounded at any frame size). Off by default: the tiles are a quarter of the VAE's sample size
             (240x360 output pixels, overlapping by a sixth and a fifth), so at 720p output they made the VAE
             encode and decode 20 tiles of 86,400 pixels for 921,600 (69.3 TFLOP per output frame against 50.3
-            untiled, counted with `zoo bench`); the untiled VAE still bounds its memory in time (frame batches).
+            untiled, counted with `zoo bench`); turn it on where the untiled VAE does not fit in memory.
 
     Args:
         config: the network config (`OSDEnhancerConfig.tiny()` / `.full()` or loaded).
