@@ -186,14 +186,17 @@ def _bench(ns: argparse.Namespace) -> None:
 
         settings = {"model": ns.model, "size": ns.size, "height": ns.height, "width": ns.width,
                     "frames": ns.frames, "dtype": ns.dtype, "device": ns.device, "compile": ns.compile,
-                    "threads": ns.threads, "busy_ok": ns.busy_ok, "options": _key_values(ns.option, "--option")}
+                    "threads": ns.threads, "busy_ok": ns.busy_ok, "options": _key_values(ns.option, "--option"),
+                    "timed": False if ns.count_only else None}
         result = bench_pipeline(**settings)
         if ns.vs:
             other = {**settings, **_key_values(ns.vs, "--vs")}
             second = bench_pipeline(**other)
+            timed = result["timed"] and second["timed"]
             result = {"baseline": result, "vs": second,
-                      "speedup": result["ms_per_frame"]["mean"] / second["ms_per_frame"]["mean"],
-                      "flops_ratio": second["flops_per_frame"]["total"] / result["flops_per_frame"]["total"]}
+                      "speedup": result["ms_per_frame"]["mean"] / second["ms_per_frame"]["mean"] if timed else None,
+                      "flops_ratio": second["flops_per_frame"]["total"] / result["flops_per_frame"]["total"],
+                      "launches_ratio": second["launches_per_frame"] / result["launches_per_frame"]}
     elif ns.name is None:
         width = max(map(len, BENCHMARKS))
         for name in BENCHMARKS:
@@ -273,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",
                    help="also run with this setting changed (e.g. dtype=bf16, compile=True) and report the ratio")
     p.add_argument("--busy-ok", action="store_true", help="time even on a machine busier than its cores")
+    p.add_argument("--count-only", action="store_true",
+                   help="count FLOPs and launches only (the default for --size full on the CPU), no timing")
     p.add_argument("--json", type=Path, help="also write the result to this JSON file")
     p.set_defaults(run=_bench)
     return parser

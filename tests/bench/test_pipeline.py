@@ -39,12 +39,13 @@ def test_bench_emits_every_field_as_json(tmp_path, capsys) -> None:
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
     base = result["baseline"]
-    for key in ("model", "size", "device", "dtype", "threads", "load_average", "input", "output", "frames_out",
-                "first_frame_ms", "ms_per_frame", "peak_host_bytes", "flops_per_frame", "tflops",
-                "bound_flops_per_frame", "ratio_to_bound"):
+    for key in ("model", "size", "device", "dtype", "threads", "cores", "load_average", "input", "output",
+                "frames_out", "first_frame_ms", "ms_per_frame", "peak_host_bytes", "flops_per_frame", "tflops",
+                "launches_per_frame", "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound"):
         assert key in base, key
     assert base["input"] == [8, 12] and base["output"] == [32, 48] and base["frames_out"] == 3
     assert base["threads"] == 1 and base["ms_per_frame"]["p10"] <= base["ms_per_frame"]["p90"]
+    assert base["timed"] and base["launches_per_frame"] > 0 and base["count_s"] > 0
     groups = base["flops_per_frame"]
     assert {"denoiser", "controlnet", "decoder", "flow"} <= set(groups)
     assert sum(v for k, v in groups.items() if k != "total") == pytest.approx(groups["total"])
@@ -60,3 +61,34 @@ def test_a_busy_machine_is_refused(monkeypatch) -> None:
 def test_sizes_must_fit_the_scale() -> None:
     with pytest.raises(ValueError, match="must divide by 4"):
         bench.bench_pipeline(model="stream_diffvsr", height=30, width=48, frames=2, busy_ok=True)
+
+
+def test_full_size_on_the_cpu_is_counted_not_timed(monkeypatch) -> None:
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # counting needs no idle machine
+    result = bench.bench_pipeline(model="osdiffvsr", size="full", height=64, width=64, frames=2, device="cpu")
+    assert not result["timed"] and "ms_per_frame" not in result
+    assert result["frames_out"] == 2 and result["ratio_to_bound"] == pytest.approx(1, abs=0.01)
+    assert {"vae encoder", "denoiser", "decoder", "flow"} <= set(result["flops_per_frame"])
+
+
+def test_threads_are_set_reported_and_at_most_the_cores(toy, monkeypatch) -> None:
+    monkeypatch.setattr(bench, "machine_cores", lambda: 2)
+    with pytest.raises(ValueError, match=r"threads must be in \[1, 2\]"):
+        bench.bench_pipeline(model="toy", height=8, width=8, frames=2, threads=3, busy_ok=True)
+    before = torch.get_num_threads()
+    try:
+        result = bench.bench_pipeline(model="toy", height=8, width=8, frames=2, threads=2, busy_ok=True)
+        assert result["threads"] == 2 == torch.get_num_threads() and result["cores"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_count_only_reports_the_count_without_timing(toy, tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    zoo_main(["bench", "--model", "toy", "--height", "8", "--width", "8", "--frames", "2", "--count-only",
+              "--json", str(out), "--vs", "frames=3"])
+    result = json.loads(out.read_text())
+    base = result["baseline"]
+    assert not base["timed"] and "ms_per_frame" not in base and result["speedup"] is None
+    # Per frame: upsample, conv, relu, conv, add, clamp (see tests/bench/test_counting.py).
+    assert base["launches_per_frame"] == 6 and result["launches_ratio"] == 1

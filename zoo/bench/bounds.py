@@ -1,18 +1,21 @@
-"""Lower bounds of each pipeline's FLOPs per output frame: its networks, each run as often as the method
-needs, at the exact frame size (no padding, no repeated work), counted with `torch.utils.flop_counter`.
+"""Lower bounds of each pipeline's FLOPs per output frame of a clip: its networks, each run as often as the
+method needs, at the exact frame size (no padding, no repeated work), counted with `torch.utils.flop_counter`.
 
-`zoo bench` divides a pipeline's measured FLOPs by this; a ratio near 1 means no wasted compute.
-A bound runs the pipeline's own submodules on inputs of the right shape on the pipeline's device (the
-`meta` device counts without computing).
+`zoo bench` divides a pipeline's FLOPs per output frame of the same clip by this; a ratio near 1 means no
+wasted compute. A bound runs the pipeline's own submodules on inputs of the right shape on the pipeline's
+device (a `fake_upscaler` counts without computing). Each bound is the networks' own FLOPs: what the method
+cannot avoid, not what a pipeline's choices (padding, overlaps, tiles) add.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoo.components.tiling import valid_length
 from zoo.components.upscaler import VideoUpscaler
 
 
@@ -22,9 +25,10 @@ def _count(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def _osdiffvsr(up: VideoUpscaler, height: int, width: int) -> int:
-    """One frame: three VAE encodes of x4 frames (the frame and its two warped neighbours), one UNet step,
-    one decode, and RAFT on the two neighbour pairs at LR size."""
+def _osdiffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
+    """Every frame alike: three VAE encodes of x4 frames (the frame and its two warped neighbours, Eq. 9), one
+    UNet step (Eq. 2), one decode, and RAFT on the two neighbour pairs at LR size (the clip's ends use a
+    mirrored neighbour, the same work)."""
     net = up.net
     device, dtype = up.device, up.dtype
     hr = torch.zeros(1, 3, height * up.scale, width * up.scale, device=device, dtype=dtype)
@@ -38,9 +42,11 @@ def _osdiffvsr(up: VideoUpscaler, height: int, width: int) -> int:
     return _count(run)
 
 
-def _stream_diffvsr(up: VideoUpscaler, height: int, width: int) -> int:
-    """One steady-state frame: the denoising steps of UNet + ControlNet at LR size, the temporal encoder
-    on the warped previous output, the decoder, and RAFT once at the flow resolution."""
+def _stream_diffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
+    """The clip's mean: the first frame runs the denoising steps of the UNet alone and the decoder; every
+    later frame the steps of UNet + ControlNet at LR size (the ControlNet's conditioning embedding of the
+    warped previous output once: it does not change between steps), the temporal encoder on that output,
+    the decoder, and RAFT once at the flow resolution."""
     net = up.net
     device, dtype = up.device, up.dtype
     channels = net.vae.config.latent_channels
@@ -48,23 +54,79 @@ def _stream_diffvsr(up: VideoUpscaler, height: int, width: int) -> int:
     lr = torch.zeros(1, 3, height, width, device=device, dtype=dtype)
     hr = torch.zeros(1, 3, height * up.scale, width * up.scale, device=device, dtype=dtype)
 
-    def run() -> None:
+    def first() -> None:
         for t in net.timesteps:
-            net.denoise(latents, lr, t, hr)
-        features = net.vae.temporal_features(hr)
-        net.vae.decode(latents, features)
-        up.flow(hr, hr) if getattr(up, "flow_resolution", "hr") == "hr" else up.flow(lr, lr)
+            net.denoise(latents, lr, t, None)
+        net.vae.decode(latents, None)
 
-    return _count(run)
+    def steady() -> None:
+        with net.embedded_condition(hr, dtype) as condition:
+            for t in net.timesteps:
+                net.denoise(latents, lr, t, condition)
+        net.vae.decode(latents, net.vae.temporal_features(hr))
+        up.flow(hr, hr) if up.flow_resolution == "hr" else up.flow(lr, lr)
+
+    return (_count(first) + (frames - 1) * _count(steady)) // frames
 
 
-BOUNDS: dict[str, Callable[[VideoUpscaler, int, int], int]] = {
+def _osdenhancer(up: VideoUpscaler, height: int, width: int, frames: int) -> int | None:
+    """One output frame's share of a chunk of `chunk` (8n + 1) output frames (a shorter clip: its frames
+    padded to the 8n + 1 the network needs, shared by the clip's frames), each passing once through the VAE
+    encoder twice (the blended video I†_in and the residual I^Δ, Eqs. 2-3), the transformer's tokens and the
+    decoder, at the output size rounded up to the 16 pixels the network needs (8x VAE, 2x2 patches).
+
+    The chunk, not the clip, is the unit: the transformer attends over a whole chunk, so its per-frame cost
+    grows with the chunk's length and one chunk is the cheapest way the method sees `chunk` frames. What the
+    pipeline adds on top is its own choice, measured by the ratio: frames shared by overlapping chunks and
+    the VAE's overlapping spatial tiles (disabled here). None with `chunk=None` (one chunk per clip).
+    """
+    if up.chunk is None:
+        return None
+    net = up.net
+    frames_out = (frames - 1) * up.temporal_scale + 1
+    length = min(up.chunk, valid_length(frames_out, "8n+1"))
+    out_height, out_width = (16 * math.ceil(math.floor(up.scale * side) / 16) for side in (height, width))
+    video = torch.zeros(1, 3, length, out_height, out_width, device=up.device, dtype=net.vae.dtype)
+
+    def run() -> None:
+        latents = net.encode(video, sample=False)
+        residual_latents = net.encode(video, sample=False)
+        net.decode(net.denoise(latents, residual_latents))
+
+    tiling = net.vae.use_tiling
+    net.vae.use_tiling = False
+    try:
+        return _count(run) // min(length, frames_out)
+    finally:
+        net.vae.use_tiling = tiling
+
+
+def _pssr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
+    """One LR frame's share of the speculative sampler on a chunk of `chunk` (4n + 1) frames (a shorter clip:
+    its frames padded to the 4n + 1 the network needs, shared by the clip's frames) at the LR size rounded up
+    to the network's size multiple: the VAE encoder on the bicubic x4 frames, one base DiT step, T - 1 draft
+    steps and the T decodes the frequency-domain update reads (Eqs. 5, 6, 13, 14; T = `num_steps`).
+
+    As for OSDEnhancer the chunk is the unit (the DiTs attend over it); the pipeline's chunk overlap and
+    spatial tiles are measured by the ratio.
+    """
+    multiple = up.net.size_multiple
+    length = min(up.chunk, valid_length(frames, "4n+1"))
+    lr = torch.zeros(length, 3, multiple * math.ceil(height / multiple), multiple * math.ceil(width / multiple),
+                     device=up.device)
+    return _count(lambda: up.sample(lr)) // min(length, frames)
+
+
+BOUNDS: dict[str, Callable[[VideoUpscaler, int, int, int], int | None]] = {
     "osdiffvsr": _osdiffvsr,
     "stream_diffvsr": _stream_diffvsr,
+    "osdenhancer": _osdenhancer,
+    "pssr": _pssr,
 }
 
 
-def flop_bound(upscaler: VideoUpscaler, height: int, width: int) -> int | None:
-    """FLOPs per output frame that `upscaler` cannot go below at LR size `height` x `width`; None when unstated."""
+def flop_bound(upscaler: VideoUpscaler, height: int, width: int, frames: int) -> int | None:
+    """FLOPs per output frame that `upscaler` cannot go below on a clip of `frames` LR frames of `height` x
+    `width`; None when unstated."""
     bound = BOUNDS.get(upscaler.hub_name)
-    return None if bound is None else bound(upscaler, height, width)
+    return None if bound is None else bound(upscaler, height, width, frames)

@@ -3,8 +3,11 @@
 The network is built at `tiny` or `full` size with random weights (no download: every `*_pretrained`
 config field is switched off) and streams random frames. One run:
 
-1. counts FLOPs per output frame with `torch.utils.flop_counter` over a short stream, split by module
-   group (VAE encoder, denoiser, ControlNet, decoder, flow, ...; `flop_groups`);
+1. counts, over the real `stream()` of a copy of the network made of fake tensors (`fake_upscaler`:
+   shapes without storage, so a 5B-parameter model at 720p counts in seconds on a CPU), the FLOPs per
+   output frame with `torch.utils.flop_counter`, split by module group (VAE encoder, denoiser,
+   ControlNet, decoder, flow, ...; `FLOP_GROUPS`), and the operators dispatched per output frame
+   (`DispatchCounter`: kernel launches on a GPU); a host sync in steady state fails the count;
 2. warms up, then times the stream frame by frame with device synchronisation: first-frame latency,
    ms per output frame (median, p10, p90), achieved TFLOP/s;
 3. reads peak device memory (CUDA) and peak host memory (RSS);
@@ -26,6 +29,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoo.components.upscaler import VideoUpscaler, check_variant
@@ -41,6 +47,7 @@ FLOP_GROUPS: dict[str, str] = {
     "vae.decoder": "decoder",
     "unet": "denoiser",
     "transformer": "denoiser",
+    "net.base": "denoiser",
     "draft": "draft denoiser",
     "controlnet": "controlnet",
     "flow": "flow",
@@ -114,6 +121,122 @@ def random_upscaler(name: str, size: str, device: str | torch.device = "cpu",
     return cls(config).to(device=device, dtype=dtype).eval()
 
 
+def fake_upscaler(name: str, size: str, dtype: torch.dtype = torch.float32) -> tuple[VideoUpscaler, FakeTensorMode]:
+    """The hub entry `name` at `size` with fake (storage-free) CPU weights, and the mode to run it under.
+
+    The network is built on the `meta` device, then every parameter and buffer becomes a `FakeTensor` on
+    the CPU: ops compute shapes only, so the real `stream()` runs at any size in seconds, and any read of
+    a computed value (`.item()`, `bool()`, a data-dependent shape) raises. Unlike the `meta` device, the
+    CPU accepts the pipelines' `torch.Generator`s, so nothing in a pipeline is replaced.
+    """
+    with torch.device("meta"):
+        upscaler = random_upscaler(name, size, "meta", dtype)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    cpu = torch.device("cpu")
+
+    def fake(tensor: Tensor) -> Tensor:
+        return mode.fake_tensor_converter.from_meta_and_device(mode, tensor, cpu)
+
+    for module in upscaler.modules():
+        for key, param in module._parameters.items():
+            if param is not None:
+                module._parameters[key] = torch.nn.Parameter(fake(param), requires_grad=False)
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = fake(buffer)
+    return upscaler, mode
+
+
+class HostSyncError(RuntimeError):
+    """A pipeline read a device tensor's value on the host in steady state."""
+
+
+# Ops that make the host wait for the device: reading a value (`.item()`, `bool()`, `.tolist()`, `int()`)
+# or an output whose shape depends on values.
+HOST_SYNC_OPS = frozenset({
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_consecutive.default,
+})
+
+
+def _is_view(func: torch._ops.OpOverload) -> bool:
+    """Whether `func` returns an alias of an input without writing it: a view, which launches no kernel."""
+    return any(ret.alias_info is not None and not ret.alias_info.is_write for ret in func._schema.returns)
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten operators a run dispatches and fails on a host sync of a device tensor.
+
+    A dispatched operator is a kernel launch on a GPU, except views (`views`, metadata only). Under
+    `fake_upscaler`'s mode, fake tensors stand for device tensors and real ones for host data: an op on
+    real tensors only (a stream's first frame, checked once per clip) runs for real outside the fake mode,
+    while reading a fake tensor's value raises `HostSyncError`. `.cpu()` of a fake CPU tensor dispatches
+    nothing and goes unseen.
+
+    Attributes:
+        launches: operators dispatched that are not views.
+        views: view operators dispatched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches = 0
+        self.views = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func.namespace == "aten":
+            if _is_view(func):
+                self.views += 1
+            else:
+                self.launches += 1
+        tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+        if tensors and not any(isinstance(x, FakeTensor) for x in tensors):
+            with _disable_current_modes():  # host data: computed for real, never a device sync
+                return func(*args, **kwargs)
+        if func in HOST_SYNC_OPS:
+            raise HostSyncError(f"{func} reads a device tensor's values on the host (a host sync)")
+        return func(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class StreamCount:
+    """What streaming a clip through a fake pipeline cost.
+
+    Attributes:
+        flops: FLOPs by group (`FLOP_GROUPS`, "other" outside every group) and "total".
+        launches: operators dispatched that are not views (kernel launches on a GPU).
+        views: view operators dispatched.
+        frames_out: output frames.
+        seconds: wall time of the count itself.
+    """
+
+    flops: dict[str, int]
+    launches: int
+    views: int
+    frames_out: int
+    seconds: float
+
+
+def count_stream(upscaler: VideoUpscaler, mode: FakeTensorMode, frames: list[Tensor]) -> StreamCount:
+    """Stream `frames` through a `fake_upscaler`, counting FLOPs and launches; a host sync raises `HostSyncError`.
+
+    The first frame arrives as real host data (its values are checked once per clip); every later one as a
+    fake device tensor, as frames uploaded before `stream()` are, so reading any of their values is a sync.
+    """
+    counter = DispatchCounter()
+    flops = GroupedFlopCounter(module_groups(upscaler))
+    device_frames = [frames[0], *(mode.from_tensor(frame) for frame in frames[1:])]
+    start = time.perf_counter()
+    with torch.no_grad(), mode, flops, counter:
+        frames_out = sum(1 for _ in upscaler.stream(iter(device_frames)))
+    return StreamCount({**flops.by_group, "total": flops.get_total_flops()}, counter.launches, counter.views,
+                       frames_out, time.perf_counter() - start)
+
+
 def random_frames(count: int, height: int, width: int, seed: int = 1) -> Iterator[Tensor]:
     """`count` random LR frames `(3, height, width)`, made one at a time."""
     generator = torch.Generator().manual_seed(seed)
@@ -133,9 +256,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def machine_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _check_idle(busy_ok: bool) -> float:
     load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
+    cores = machine_cores()
     if load > cores and not busy_ok:
         raise ValueError(f"the load average is {load:.1f} on {cores} cores: timings would measure the other "
                          f"processes; wait for an idle machine or pass busy_ok=True (--busy-ok)")
@@ -145,26 +273,29 @@ def _check_idle(busy_ok: bool) -> float:
 def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height: int = 128, width: int = 128,
                    frames: int = 9, dtype: str = "float32", device: str = "auto", compile: bool = False,
                    threads: int | None = None, warmup: int = 2, options: dict[str, Any] | None = None,
-                   busy_ok: bool = False) -> dict[str, Any]:
-    """Speed, memory and FLOPs of `model`'s `stream()` at `height` x `width` OUTPUT pixels.
+                   busy_ok: bool = False, timed: bool | None = None) -> dict[str, Any]:
+    """Speed, memory, FLOPs and operator launches of `model`'s `stream()` at `height` x `width` OUTPUT pixels.
 
     Args:
         model: hub name.
         size: "tiny" or "full" (the paper's architecture), random weights.
         height: output frame height (the LR frames are `height / scale`).
         width: output frame width.
-        frames: LR frames streamed in the timed run.
+        frames: LR frames streamed, in the count and in the timed run.
         dtype: "float32", "bfloat16" or "float16".
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         compile: wrap the pipeline's per-frame step in `torch.compile` (its `compile` option).
-        threads: CPU threads (`torch.set_num_threads`); 1 when None on CPU.
+        threads: CPU threads (`torch.set_num_threads`); 1 when None on CPU, at most the machine's cores.
         warmup: frames streamed (and discarded) before timing.
         options: the pipeline's runtime options (`VideoUpscaler.configure`).
         busy_ok: time even when the machine is busier than its cores.
+        timed: build the real network and time it; None times unless a full-size network would run on the
+            CPU (hours per clip, and more memory than the machine has: the count alone runs then).
 
     Returns:
-        A flat record: configuration, `first_frame_ms`, `ms_per_frame` {median, p10, p90}, peak
-        memory, `flops_per_frame` by group, `tflops`, and `bound_flops_per_frame` / `ratio_to_bound`.
+        A flat record: configuration, the count (`flops_per_frame` by group, `launches_per_frame`,
+        `views_per_frame`, `count_s`, `bound_flops_per_frame` / `ratio_to_bound`) and, when timed,
+        `first_frame_ms`, `ms_per_frame` {median, p10, p90, mean}, peak memory and `tflops`.
     """
     from zoo.bench.bounds import flop_bound
 
@@ -173,51 +304,71 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
     if frames < 2:
         raise ValueError(f"frames must be at least 2 (one for latency, the rest for the rate), got {frames}")
     torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    cores = machine_cores()
     threads = threads or (torch.get_num_threads() if torch_device.type == "cuda" else 1)
+    if not 1 <= threads <= cores:
+        raise ValueError(f"threads must be in [1, {cores}] (this machine's cores), got {threads}")
     torch.set_num_threads(threads)
-    load = _check_idle(busy_ok)
-    upscaler = random_upscaler(model, size, torch_device, DTYPES[dtype]).configure(**(options or {}))
-    if compile:
-        upscaler.configure(compile=True)
-    scale = upscaler.scale
+    timed = (size == "tiny" or torch_device.type == "cuda") if timed is None else timed
+    load = _check_idle(busy_ok) if timed else os.getloadavg()[0]
+
+    fake, mode = fake_upscaler(model, size, DTYPES[dtype])
+    fake.configure(**(options or {}))
+    scale = fake.scale
     if height % scale or width % scale:
         raise ValueError(f"{model} upscales x{scale}: height and width must divide by {scale}, got {height}x{width}")
     lr_size = (height // scale, width // scale)
-    lr = [f.to(torch_device, DTYPES[dtype]) for f in random_frames(max(frames, 2), *lr_size)]
+    lr = list(random_frames(frames, *lr_size))
+    count = count_stream(fake, mode, lr)
+    per_frame = {group: value / count.frames_out for group, value in count.flops.items()}
+    with torch.no_grad(), mode, DispatchCounter():  # host-side constants (schedules) stay real, as in the count
+        bound = flop_bound(fake, *lr_size, frames)
+    del fake
+    result = {
+        "model": model, "size": size, "device": str(torch_device), "dtype": dtype, "threads": threads,
+        "cores": cores, "load_average": round(load, 2), "compile": compile, "options": options or {},
+        "input": list(lr_size), "output": [height, width], "frames_in": len(lr), "frames_out": count.frames_out,
+        "flops_per_frame": per_frame, "launches_per_frame": count.launches / count.frames_out,
+        "views_per_frame": count.views / count.frames_out, "count_s": count.seconds,
+        "bound_flops_per_frame": bound, "ratio_to_bound": per_frame["total"] / bound if bound else None,
+        "timed": timed,
+    }
+    if timed:
+        result.update(_time_stream(model, size, torch_device, DTYPES[dtype], options, compile, lr, warmup,
+                                   per_frame["total"]))
+    return result
 
-    flops, flop_outputs = count_flops(upscaler, lr)
-    per_frame = {group: value / flop_outputs for group, value in flops.items()}
 
+def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype, options: dict[str, Any] | None,
+                 compile: bool, frames: list[Tensor], warmup: int, flops_per_frame: float) -> dict[str, Any]:
+    """Warm up, then time the real network's stream frame by frame with device synchronisation."""
+    upscaler = random_upscaler(model, size, device, dtype).configure(**(options or {}))
+    if compile:
+        upscaler.configure(compile=True)
+    lr = [f.to(device, dtype) for f in frames]
     compile_start = time.perf_counter()
-    for _ in upscaler.stream(iter(lr[: max(warmup, 1)])):
-        pass
-    _synchronize(torch_device)
+    with torch.no_grad():
+        for _ in upscaler.stream(iter(lr[: max(warmup, 1)])):
+            pass
+    _synchronize(device)
     warmup_s = time.perf_counter() - compile_start
-    if torch_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch_device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     stamps = []
     start = time.perf_counter()
     with torch.no_grad():
         for _ in upscaler.stream(iter(lr)):
-            _synchronize(torch_device)
+            _synchronize(device)
             stamps.append(time.perf_counter())
     gaps = [1000 * (b - a) for a, b in zip([start, *stamps[:-1]], stamps)]
     steady = gaps[1:] or gaps
     quantiles = statistics.quantiles(steady, n=10) if len(steady) > 1 else steady * 9
     mean_s = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
-    bound = flop_bound(upscaler, *lr_size)
-    result = {
-        "model": model, "size": size, "device": str(torch_device), "dtype": dtype, "threads": threads,
-        "load_average": round(load, 2), "compile": compile, "options": options or {},
-        "input": list(lr_size), "output": [height, width], "frames_in": len(lr), "frames_out": len(stamps),
+    return {
         "warmup_s": warmup_s, "first_frame_ms": gaps[0],
         "ms_per_frame": {"median": statistics.median(steady), "p10": quantiles[0], "p90": quantiles[-1],
                          "mean": 1000 * mean_s},
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_device_bytes": torch.cuda.max_memory_allocated(torch_device) if torch_device.type == "cuda" else None,
-        "flops_per_frame": per_frame,
-        "tflops": per_frame["total"] / mean_s / 1e12 if mean_s > 0 else None,
-        "bound_flops_per_frame": bound,
-        "ratio_to_bound": per_frame["total"] / bound if bound else None,
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "tflops": flops_per_frame / mean_s / 1e12 if mean_s > 0 else None,
     }
-    return result

@@ -130,8 +130,15 @@ def check_variant(variant: str) -> str:
     return variant
 
 
-def check_frames(frames: Tensor) -> Tensor:
-    """Validate a clip `(T, 3, H, W)` of floats in `[0, 1]` and return it unchanged."""
+def check_frames(frames: Tensor, *, values: bool = True) -> Tensor:
+    """Validate a clip `(T, 3, H, W)` of floats in `[0, 1]` and return it unchanged.
+
+    Args:
+        frames: the clip.
+        values: also check the values (finite, in [0, 1]). Reading them makes the host wait for the
+            device, so a stream checks the values of its first frame only, once per clip, and the shape
+            of every frame.
+    """
     if not isinstance(frames, Tensor) or frames.ndim != 4 or frames.shape[1] != 3:
         got = tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__
         raise ValueError(f"frames must be (T, 3, H, W) in [0, 1], got {got}")
@@ -139,6 +146,8 @@ def check_frames(frames: Tensor) -> Tensor:
         raise ValueError(f"frames must be floats in [0, 1], got dtype {frames.dtype}")
     if frames.shape[0] == 0:
         raise ValueError("frames must hold at least one frame, got T = 0")
+    if not values:
+        return frames
     if not bool(torch.isfinite(frames).all()):
         raise ValueError("frames must be in [0, 1], got NaN or infinite values")
     lo, hi = frames.aminmax()
@@ -147,12 +156,12 @@ def check_frames(frames: Tensor) -> Tensor:
     return frames
 
 
-def check_frame(frame: Tensor) -> Tensor:
-    """Validate one frame `(3, H, W)` of floats in `[0, 1]` and return it unchanged."""
+def check_frame(frame: Tensor, *, values: bool = True) -> Tensor:
+    """Validate one frame `(3, H, W)` of floats in `[0, 1]` (the values only if `values`); return it unchanged."""
     if not isinstance(frame, Tensor) or frame.ndim != 3:
         got = tuple(frame.shape) if isinstance(frame, Tensor) else type(frame).__name__
         raise ValueError(f"a frame must be (3, H, W) in [0, 1], got {got}")
-    check_frames(frame[None])
+    check_frames(frame[None], values=values)
     return frame
 
 

@@ -217,8 +217,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
                           for c in prompt_embeds)
         window = self.compiled("window", self.upscale_window)
         prev = current = c_current = None
-        for incoming in frames:
-            check_frame(incoming)
+        for index, incoming in enumerate(frames):
+            check_frame(incoming, values=index == 0)  # values once per clip: reading them is a host sync
             c_incoming = next(conditions, _EXHAUSTED)
             if c_incoming is _EXHAUSTED:
                 raise ValueError("prompt_embeds ran out before the frames: give one embedding per frame")

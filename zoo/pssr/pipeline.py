@@ -144,7 +144,7 @@ class PSSRUpscaler(VideoUpscaler):
         Frames are padded (edge replication) to the network's size multiple and the output is
         cropped back; with `tile`, the sampler runs on blended tiles.
         """
-        check_frames(lr)  # values once per chunk: one device sync, not one per frame
+        check_frames(lr, values=False)  # values are checked once per clip (`_checked_shapes`): a host sync
         lr, padding = pad_to_multiple(lr.to(self.device, torch.float32), self.net.size_multiple)
         sample = self.compiled("chunk", self.sample)
         if self.tile is None:
@@ -203,11 +203,13 @@ class PSSRUpscaler(VideoUpscaler):
 
 
 def _checked_shapes(frames: Iterable[Tensor]) -> Iterator[Tensor]:
-    """`frames`, each checked to be `(3, H, W)` of one size; values are checked per chunk (`upscale_chunk`)."""
+    """`frames`, each checked to be `(3, H, W)` of one size; values on the first frame only.
+
+    Reading values makes the host wait for the device: once per clip, not once per frame or chunk.
+    """
     size = None
     for frame in frames:
-        if not isinstance(frame, Tensor) or frame.ndim != 3 or frame.shape[0] != 3 or not frame.is_floating_point():
-            check_frame(frame)  # raises the zoo's one-sentence error for this frame
+        check_frame(frame, values=size is None)
         if size is None:
             size = frame.shape
         elif frame.shape != size:

@@ -16,6 +16,8 @@ The sampler is diffusers' `DDIMScheduler` (eta = 0) with the checkpoint's `sched
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -476,8 +478,8 @@ class StreamDiffVSRNet(nn.Module):
             latents: noisy latents z_t `(B, 4, h, w)`.
             lr: LR frames in `[-1, 1]`, `(B, 3, h, w)`, concatenated to the latents (x4 upscaler).
             t: the timestep.
-            warped_prev: flow-warped previous HR output in `[-1, 1]`, `(B, 3, 4h, 4w)`; None for the
-                first frame, which runs without ARTG.
+            warped_prev: flow-warped previous HR output in `[-1, 1]`, `(B, 3, 4h, 4w)` (inside
+                `embedded_condition`, its embedding); None for the first frame, which runs without ARTG.
         """
         b = latents.shape[0]
         model_input = torch.cat([latents, lr.to(latents.dtype)], dim=1)
@@ -500,18 +502,40 @@ class StreamDiffVSRNet(nn.Module):
         result = self.scheduler.step(output, t, latents)
         return result.prev_sample, result.pred_original_sample
 
+    @contextlib.contextmanager
+    def embedded_condition(self, warped_prev: Tensor | None, dtype: torch.dtype) -> Iterator[Tensor | None]:
+        """The ControlNet's conditioning embedding of `warped_prev`, taken by the ControlNet in place of its
+        condition while the context lasts (its embedding module is an identity meanwhile).
+
+        The embedding depends on the frame, not on the step: the sampler's steps share one instead of
+        recomputing it at each (diffusers' `ControlNetModel` always embeds the condition it is given).
+        """
+        if warped_prev is None:
+            yield None
+            return
+        controlnet = self.controlnet
+        embedding = controlnet.controlnet_cond_embedding
+        condition = embedding(warped_prev.to(dtype))
+        controlnet.controlnet_cond_embedding = nn.Identity()
+        try:
+            yield condition
+        finally:
+            controlnet.controlnet_cond_embedding = embedding
+
     def sample(self, noise: Tensor, lr: Tensor, warped_prev: Tensor | None) -> Tensor:
         """Run the DDIM sampler from `noise` (z_T) and return the clean latents, float32.
 
         A float32 island under a half dtype: the latents z_t and the DDIM update (the scheduler's float32
         `alphas_cumprod`; in bfloat16 the last step's alpha_bar_0 = 0.9999 would round to 1.0) stay float32,
-        and only the networks' inputs are cast to their dtype.
+        and only the networks' inputs are cast to their dtype. The ControlNet's condition is embedded once per frame
+        (`embedded_condition`), not at each step.
         """
         dtype = self.unet.dtype
         latents = noise.float()
-        for t in self.timesteps:
-            output = self.denoise(latents.to(dtype), lr, t, warped_prev)
-            latents, _ = self.step(output.float(), t, latents)
+        with self.embedded_condition(warped_prev, dtype) as condition:
+            for t in self.timesteps:
+                output = self.denoise(latents.to(dtype), lr, t, condition)
+                latents, _ = self.step(output.float(), t, latents)
         return latents
 
     def upscale_frame(self, lr: Tensor, noise: Tensor, warped_prev: Tensor | None) -> Tensor:

@@ -115,7 +115,7 @@ class StreamSession:
     @torch.no_grad()
     def push(self, lr_frame: Tensor) -> Tensor:
         """Upscale the next frame `(3, H, W)` in `[0, 1]`; returns `(3, 4H, 4W)` in `[0, 1]`."""
-        check_frame(lr_frame)
+        check_frame(lr_frame, values=self.prev_lr is None)  # values once per stream: reading them is a host sync
         up = self.upscaler
         frame, padding = pad_to_multiple(lr_frame[None].to(up.device, torch.float32), up.size_multiple)
         lr = frame * 2 - 1
