@@ -112,13 +112,19 @@ class GroupedFlopCounter(FlopCounterMode):
 
 def random_upscaler(name: str, size: str, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> VideoUpscaler:
-    """The hub entry `name` at `size` with random weights everywhere (no published sub-weights), eval mode."""
+    """The hub entry `name` at `size` with random weights everywhere (no published sub-weights), eval mode.
+
+    Its LoRA adapters are merged into the base weights before the cast to `dtype`, as `zoo.load` does:
+    the benchmark measures the inference path users get.
+    """
     cls = upscaler_class(name)
     config = getattr(cls.config_class, check_variant(size))()
     switched = {f.name: False for f in dataclasses.fields(config) if f.name.endswith("_pretrained")}
     config = dataclasses.replace(config, **switched)
     torch.manual_seed(0)
-    return cls(config).to(device=device, dtype=dtype).eval()
+    upscaler = cls(config).to(device=device)
+    upscaler.merge_lora()
+    return upscaler.to(dtype=dtype).eval()
 
 
 def fake_upscaler(name: str, size: str, dtype: torch.dtype = torch.float32) -> tuple[VideoUpscaler, FakeTensorMode]:
