@@ -178,6 +178,9 @@ def test_an_unwritable_place_is_named_before_the_model_loads(bicubic, tmp_path: 
     (lambda p: write_video(p / "in.mp4", clip(2), 8), "out.flv", r"unknown extension .flv"),
     (lambda p: write_video(p / "in.mp4", clip(2), 8), "out.webm --codec libx264", "does not support 'libx264'"),
     (lambda p: p, "out.mp4", "holds no video files or frame images"),
+    # A y4m header that claims 20000x20000 frames and holds 1000 bytes.
+    (lambda p: (p / "huge.y4m").write_bytes(b"YUV4MPEG2 W20000 H20000 F25:1 Ip A1:1 C444\nFRAME\n" + bytes(1000))
+     and p / "huge.y4m", "out.mp4", "huge.y4m"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(bicubic, tmp_path: Path, capsys, make_input, output,
                                                          message: str) -> None:
@@ -188,6 +191,26 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(bicubic, tmp_path: Path
     err = capsys.readouterr().err
     assert err.startswith("zoo: error: ") and err.count("\n") == 1 and message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def write_ffv1(path: Path, frames: np.ndarray, pix_fmt: str) -> Path:
+    """`frames (T, H, W, 3)` uint8 as lossless FFV1 in `pix_fmt`."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=8)
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], pix_fmt
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize(("height", "width", "pix_fmt"), [(16, 16, "yuv444p12le"), (1, 1, "yuv444p")])
+def test_12_bit_and_1x1_sources_are_upscaled(bicubic, tmp_path: Path, height: int, width: int, pix_fmt: str) -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    src = write_ffv1(tmp_path / "in.mkv", frames, pix_fmt)
+    assert upscale(src, tmp_path / "out.mkv") == 0
+    info = probe_video(tmp_path / "out.mkv")
+    assert (info.width, info.height, info.num_frames) == (2 * width, 2 * height, 3)
 
 
 def test_existing_outputs_are_kept_unless_asked(bicubic, tmp_path: Path, capsys) -> None:
