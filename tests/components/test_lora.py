@@ -366,3 +366,21 @@ def test_masked_expert_stacked_on_peft_expert() -> None:
         merge_lora(model)
         assert isinstance(model[0].to_q, MaskedLoRA) and isinstance(model[0].to_q.base, nn.Linear)
         torch.testing.assert_close(model(x), both, rtol=0, atol=1e-5)
+
+
+def test_load_base_weights_fills_base_layers_and_counts_what_does_not_fit() -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from zoo.components.lora import load_base_weights
+
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    published = {"0.weight": torch.arange(6.0).reshape(2, 3), "0.bias": torch.tensor([1.0, -1.0])}
+    load_base_weights(model, published, skip=lambda key: "lora_" in key, what="base does not fit")
+    assert torch.equal(model[0].base_layer.weight, published["0.weight"])
+    assert torch.equal(model[0].base_layer.bias, published["0.bias"])
+    with pytest.raises(ValueError, match=r"base does not fit: 1 missing and 1 unexpected weights, e\.g\. 0\.bias"):
+        load_base_weights(model, {"0.weight": published["0.weight"], "1.bias": published["0.bias"]},
+                          skip=lambda key: "lora_" in key, what="base does not fit")
+    # Keys that `skip` does not exclude must be published: the adapters are not.
+    with pytest.raises(ValueError, match=r"2 missing .* e\.g\. 0\.lora_A\.default\.weight"):
+        load_base_weights(model, published, skip=lambda key: False, what="base does not fit")

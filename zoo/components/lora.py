@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -387,3 +387,24 @@ def masked_lora_mask(model: nn.Module, mask: torch.Tensor, adapter_name: str | N
     finally:
         for layer in layers:
             layer.set_mask(None)
+
+
+def load_base_weights(model: nn.Module, published: dict[str, torch.Tensor], *, skip: Callable[[str], bool],
+                      what: str) -> None:
+    """Load a published base checkpoint into `model`, whose adapted layers keep it under peft's `.base_layer.`.
+
+    Every key of `model` that `skip` does not exclude (the adapters and modules the published model lacks)
+    must be in `published` and the other way round; anything else is one `ValueError` that counts both.
+
+    Args:
+        model: the adapted model.
+        published: the published model's state dict.
+        skip: whether a key of `model` is its own addition, left as initialised.
+        what: the sentence's subject, e.g. "org/base transformer does not fit OSDEnhancer".
+    """
+    own = {key.replace(".base_layer.", "."): key for key in model.state_dict() if not skip(key)}
+    missing, unexpected = sorted(set(own) - set(published)), sorted(set(published) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{what}: {len(missing)} missing and {len(unexpected)} unexpected weights, "
+                         f"e.g. {(missing or unexpected)[0]}")
+    model.load_state_dict({own[key]: value for key, value in published.items()}, strict=False)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from zoo.components.color import high_pass
 from zoo.components.flow import FlowEstimator, FlowFn, valid_mask, warp
+from zoo.components.lora import load_base_weights
 from zoo.components.tiling import pad_frames, pad_to_multiple, valid_length
 from zoo.components.train.losses import PerceptualLoss, temporal_residual_loss
 from zoo.components.train.metrics import PYIQA_FILES
@@ -210,15 +211,8 @@ class OSDEnhancerModule(ZooModule):
                     or "up_deformable_blocks" in key)
 
         for name, cls in (("transformer", CogVideoXTransformer3DModel), ("vae", AutoencoderKLCogVideoX)):
-            published = cls.from_pretrained(base_model, subfolder=name).state_dict()
-            target = getattr(self.net, name)
-            own = {key.replace(".base_layer.", "."): key for key in target.state_dict() if not is_new(key)}
-            missing, unexpected = sorted(set(own) - set(published)), sorted(set(published) - set(own))
-            if missing or unexpected:
-                example = (missing or unexpected)[0]
-                raise ValueError(f"{base_model} {name} does not fit OSDEnhancer: {len(missing)} missing and "
-                                 f"{len(unexpected)} unexpected weights, e.g. {example}")
-            target.load_state_dict({own[key]: value for key, value in published.items()}, strict=False)
+            load_base_weights(getattr(self.net, name), cls.from_pretrained(base_model, subfolder=name).state_dict(),
+                              skip=is_new, what=f"{base_model} {name} does not fit OSDEnhancer")
         if prompt_embedding is None:
             prompt = encode_empty_prompt(base_model, self.net.config.prompt_length)
         else:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.components.color import high_pass, rgb_to_yuv
-from zoo.components.lora import inject_lora, lora_config
+from zoo.components.lora import inject_lora, load_base_weights, lora_config
 
 WAN_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 """The base model the paper initialises the VAE and both DiTs from (L164)."""
@@ -680,14 +680,9 @@ class PSSRNet(nn.Module):
         """
         for target, cls, subfolder in ((self.base, WanTransformer3DModel, "transformer"),
                                        (self.vae, AutoencoderKLWan, "vae")):
-            published = cls.from_pretrained(base_model, subfolder=subfolder).state_dict()
-            own = {key.replace(".base_layer", ""): key for key in target.state_dict() if "lora_" not in key}
-            missing, unexpected = sorted(set(own) - set(published)), sorted(set(published) - set(own))
-            if missing or unexpected:
-                example = (missing or unexpected)[0]
-                raise ValueError(f"{base_model} {subfolder} does not fit this config: {len(missing)} missing and "
-                                 f"{len(unexpected)} unexpected weights, e.g. {example}")
-            target.load_state_dict({own[key]: value for key, value in published.items()}, strict=False)
+            load_base_weights(target, cls.from_pretrained(base_model, subfolder=subfolder).state_dict(),
+                              skip=lambda key: "lora_" in key,
+                              what=f"{base_model} {subfolder} does not fit this config")
         if prompt is not None:
             self.prompt_embeds.copy_(encode_wan_prompt(base_model, [prompt], self.config.prompt_length))
 
