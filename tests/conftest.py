@@ -26,6 +26,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _one_bigmem_test_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Tests marked `bigmem` (a full-size network with real weights: 11-13 GB each) hold a lock that all
+    pytest-xdist workers share, so two never run at once on a 24 GB machine."""
+    if request.node.get_closest_marker("bigmem") is None:
+        yield
+        return
+    import fcntl
+
+    # The workers' temp dirs share a parent, so the lock file there is one file for the whole run.
+    lock_path = tmp_path_factory.getbasetemp().parent / "bigmem.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets an empty Hugging Face cache, so no test sees another's (or the user's) files."""
     home = tmp_path_factory.mktemp("hf_home")

@@ -330,6 +330,7 @@ def test_full_architecture_on_meta_has_the_published_base_and_the_papers_experts
 
 
 @pytest.mark.slow
+@pytest.mark.bigmem
 def test_full_architecture_builds_with_random_weights_and_runs() -> None:
     # bfloat16 parameters: the 6.4B of the full model need 12.8 GB instead of 25.7 GB.
     default = torch.get_default_dtype()

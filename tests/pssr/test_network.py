@@ -89,6 +89,7 @@ def test_full_architecture_on_meta_has_the_measured_sizes() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.bigmem
 def test_full_architecture_builds_with_random_weights() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
