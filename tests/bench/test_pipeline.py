@@ -41,8 +41,10 @@ def test_bench_emits_every_field_as_json(tmp_path, capsys) -> None:
     base = result["baseline"]
     for key in ("model", "size", "device", "dtype", "threads", "cores", "load_average", "input", "output",
                 "frames_out", "first_frame_ms", "ms_per_frame", "peak_host_bytes", "flops_per_frame", "tflops",
-                "launches_per_frame", "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound"):
+                "launches_per_frame", "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound",
+                "compile_seconds"):
         assert key in base, key
+    assert base["compile_seconds"] == {}  # nothing compiled without --compile
     assert base["input"] == [8, 12] and base["output"] == [32, 48] and base["frames_out"] == 3
     assert base["threads"] == 1 and base["ms_per_frame"]["p10"] <= base["ms_per_frame"]["p90"]
     assert base["timed"] and base["launches_per_frame"] > 0 and base["count_s"] > 0

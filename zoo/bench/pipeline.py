@@ -371,7 +371,8 @@ def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype
     quantiles = statistics.quantiles(steady, n=10) if len(steady) > 1 else steady * 9
     mean_s = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
     return {
-        "warmup_s": warmup_s, "first_frame_ms": gaps[0],
+        # `compile_seconds`: each compiled step's first call, compilation included (empty without compile).
+        "warmup_s": warmup_s, "compile_seconds": upscaler.compile_seconds, "first_frame_ms": gaps[0],
         "ms_per_frame": {"median": statistics.median(steady), "p10": quantiles[0], "p90": quantiles[-1],
                          "mean": 1000 * mean_s},
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
