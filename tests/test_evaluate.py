@@ -41,7 +41,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folders = {}
     for name in ("stream_diffvsr", "osdiffvsr"):
         torch.manual_seed(0)
-        folders[name] = zoo.hub.export(zoo.load(name, pretrained=False, variant="tiny"),
+        folders[name] = zoo.hub.export(zoo.load(name, pretrained=False, variant="tiny", merge_lora=False),
                                        tmp_path_factory.mktemp(name))
     return folders
 
