@@ -502,6 +502,28 @@ def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
 
 
+def save_weight_files(folder: Path, state: dict[str, Tensor], files: dict[str, str],
+                      group_of: Callable[[str], str]) -> None:
+    """Write `state` split over safetensors files: `files` maps a group name to its file in `folder`, and
+    `group_of` gives each key's group. Groups with no weights write no file."""
+    groups: dict[str, dict[str, Tensor]] = {name: {} for name in files}
+    for key, value in cpu_state(state).items():
+        groups[group_of(key)][key] = value
+    for name, part in groups.items():
+        if part:
+            save_file(part, folder / files[name], metadata={"format": "pt"})
+
+
+def read_weight_files(folder: Path, names: Iterable[str]) -> dict[str, Tensor]:
+    """The tensors of those files `names` in `folder` that exist, in one state dict (the inverse of
+    `save_weight_files`; which keys must be there is the caller's check)."""
+    state: dict[str, Tensor] = {}
+    for name in names:
+        if (folder / name).is_file():
+            state.update(read_safetensors(folder / name))
+    return state
+
+
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     """The tensors of the safetensors file `path`; a missing or unreadable file is one clear error."""
     if not path.is_file():

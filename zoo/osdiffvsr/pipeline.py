@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from zoo.components.tiling import TilePlan, pad_to_multiple
@@ -45,8 +44,8 @@ from zoo.components.upscaler import (
     VideoUpscaler,
     check_frame,
     check_frames,
-    cpu_state,
-    read_safetensors,
+    read_weight_files,
+    save_weight_files,
 )
 from zoo.osdiffvsr.network import OSDiffVSRConfig, OSDiffVSRNet
 
@@ -251,13 +250,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         folder.mkdir(parents=True, exist_ok=True)
         self.write_config(folder)
         published = published_keys(self.net)
-        groups: dict[str, dict[str, Tensor]] = {name: {} for name in FILES}
-        for key, value in cpu_state(self.net.state_dict()).items():
-            if key not in published:
-                groups[weight_group(self.net, key)][key] = value
-        for name, state in groups.items():
-            if state:
-                save_file(state, folder / FILES[name], metadata={"format": "pt"})
+        own = {key: value for key, value in self.net.state_dict().items() if key not in published}
+        save_weight_files(folder, own, FILES, lambda key: weight_group(self.net, key))
         return folder
 
     @classmethod
@@ -267,10 +261,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         model = cls(cls.read_config(folder))
         if model.config.base_model is not None:
             model.net.load_base(model.config.base_model, prompt=None)
-        state: dict[str, Tensor] = {}
-        for name in FILES.values():
-            if (folder / name).is_file():
-                state.update(read_safetensors(folder / name))
+        state = read_weight_files(folder, FILES.values())
         expected = set(model.net.state_dict()) - published_keys(model.net)
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)

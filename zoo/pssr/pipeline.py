@@ -32,11 +32,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from zoo.components.tiling import TilePlan, pad_to_multiple, stream_chunks, valid_length
-from zoo.components.upscaler import VideoUpscaler, check_frame, check_frames, cpu_state, read_safetensors
+from zoo.components.upscaler import (
+    VideoUpscaler,
+    check_frame,
+    check_frames,
+    read_weight_files,
+    save_weight_files,
+)
 from zoo.pssr.network import ALPHA, FDU_FORMS, FDU_SIGMA, NUM_STEPS, PSSRConfig, PSSRNet
 
 FILES = {
@@ -172,13 +177,8 @@ class PSSRUpscaler(VideoUpscaler):
         folder.mkdir(parents=True, exist_ok=True)
         self.write_config(folder)
         published = published_keys(self.net)
-        groups: dict[str, dict[str, Tensor]] = {name: {} for name in FILES}
-        for key, value in cpu_state(self.net.state_dict()).items():
-            if key not in published:
-                groups[weight_group(key)][key] = value
-        for name, state in groups.items():
-            if state:
-                save_file(state, folder / FILES[name], metadata={"format": "pt"})
+        own = {key: value for key, value in self.net.state_dict().items() if key not in published}
+        save_weight_files(folder, own, FILES, lambda key: weight_group(key))
         return folder
 
     @classmethod
@@ -188,10 +188,7 @@ class PSSRUpscaler(VideoUpscaler):
         model = cls(cls.read_config(folder))
         if model.config.base_model is not None:
             model.net.load_base(model.config.base_model, prompt=None)
-        state: dict[str, Tensor] = {}
-        for name in FILES.values():
-            if (folder / name).is_file():
-                state.update(read_safetensors(folder / name))
+        state = read_weight_files(folder, FILES.values())
         expected = set(model.net.state_dict()) - published_keys(model.net)
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
