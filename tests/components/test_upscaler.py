@@ -177,3 +177,13 @@ def test_compile_option_values(value, settings) -> None:
 def test_bad_compile_option_values_are_refused(value) -> None:
     with pytest.raises(ValueError, match="compile must be True, False or a dict"):
         compile_settings(value)
+
+
+def test_check_weight_names_counts_both_sides() -> None:
+    from zoo.components.upscaler import check_weight_names
+
+    check_weight_names(["a", "b"], {"b": 0, "a": 1}, "folder does not match")  # the same names: silent
+    with pytest.raises(ValueError, match=r"^folder does not match: 1 missing and 2 unexpected weights, e\.g\. b$"):
+        check_weight_names(["a", "b"], ["a", "c", "d"], "folder does not match")
+    with pytest.raises(ValueError, match=r": 0 missing and 1 unexpected weights, e\.g\. z$"):
+        check_weight_names([], ["z"], "folder does not match")

@@ -402,9 +402,8 @@ def load_base_weights(model: nn.Module, published: dict[str, torch.Tensor], *, s
         skip: whether a key of `model` is its own addition, left as initialised.
         what: the sentence's subject, e.g. "org/base transformer does not fit OSDEnhancer".
     """
+    from zoo.components.upscaler import check_weight_names
+
     own = {key.replace(".base_layer.", "."): key for key in model.state_dict() if not skip(key)}
-    missing, unexpected = sorted(set(own) - set(published)), sorted(set(published) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{what}: {len(missing)} missing and {len(unexpected)} unexpected weights, "
-                         f"e.g. {(missing or unexpected)[0]}")
+    check_weight_names(own, published, what)
     model.load_state_dict({own[key]: value for key, value in published.items()}, strict=False)

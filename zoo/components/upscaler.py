@@ -502,6 +502,15 @@ def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
 
 
+def check_weight_names(expected: Iterable[str], found: Iterable[str], what: str) -> None:
+    """Raise one `ValueError`, "{what}: N missing and M unexpected weights, e.g. K", unless the names agree."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"{what}: {len(missing)} missing and {len(unexpected)} unexpected weights, "
+                         f"e.g. {(missing or unexpected)[0]}")
+
+
 def save_weight_files(folder: Path, state: dict[str, Tensor], files: dict[str, str],
                       group_of: Callable[[str], str]) -> None:
     """Write `state` split over safetensors files: `files` maps a group name to its file in `folder`, and

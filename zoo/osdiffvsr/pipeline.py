@@ -44,6 +44,7 @@ from zoo.components.upscaler import (
     VideoUpscaler,
     check_frame,
     check_frames,
+    check_weight_names,
     read_weight_files,
     save_weight_files,
 )
@@ -262,12 +263,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         if model.config.base_model is not None:
             model.net.load_base(model.config.base_model, prompt=None)
         state = read_weight_files(folder, FILES.values())
-        expected = set(model.net.state_dict()) - published_keys(model.net)
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            example = (missing or unexpected)[0]
-            raise ValueError(f"{folder} does not match its config: {len(missing)} missing and {len(unexpected)} "
-                             f"unexpected weights, e.g. {example}")
+        check_weight_names(set(model.net.state_dict()) - published_keys(model.net), state,
+                           f"{folder} does not match its config")
         model.net.load_state_dict(state, strict=False)
         return model
