@@ -248,7 +248,7 @@ def _unpublished(cfg: PretrainedCfg) -> str:
 def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: str | os.PathLike | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | None = None, merge_lora: bool = True,
          **options: Any) -> VideoUpscaler:
-    """Build the `VideoUpscaler` registered as `name`, in eval mode, its LoRA merged for inference.
+    """Build the `VideoUpscaler` registered as `name`, in eval mode, its LoRA merged and attention fused.
 
     Args:
         name: a hub name (`zoo.list_models()`).
@@ -259,7 +259,8 @@ def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: 
         device: where to put the model.
         dtype: parameter dtype, e.g. `torch.bfloat16`.
         merge_lora: fold the LoRA adapters into the base weights (`VideoUpscaler.merge_lora`), in float32
-            before the cast to `dtype`. False keeps them separate, for a model to export again.
+            before the cast to `dtype`, then fuse attention projections (`VideoUpscaler.fuse_projections`).
+            False keeps the weights as stored, for a model to export again.
         **options: the pipeline's runtime options (`VideoUpscaler.configure`: tiles, chunks, ...).
     """
     from zoo.components.upscaler import check_variant
@@ -283,6 +284,7 @@ def load(name: str, *, pretrained: bool = True, variant: str = "full", weights: 
         model = cls.from_variant(variant)
     if merge_lora:
         model.merge_lora()
+        model.fuse_projections()
     return model.configure(**options).to(device=device, dtype=dtype).eval()
 
 

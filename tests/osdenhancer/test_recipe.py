@@ -52,7 +52,8 @@ def test_tiny_recipe_trains_all_four_stages_and_exports_exactly(tmp_path: Path,
     module = OSDEnhancerModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     frames = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     reference = copy.deepcopy(module.to_upscaler())
-    reference.merge_lora()  # as zoo.load and torch.hub.load do: the same merge of the same weights
+    reference.merge_lora()  # as zoo.load and torch.hub.load do: the same merge of the same weights,
+    reference.fuse_projections()  # and the same fused attention projections
     assert torch.equal(upscaler(frames), reference(frames))
     # Training moved every expert and decoder block away from its start.
     net = module.net

@@ -56,7 +56,8 @@ def test_tiny_recipe_trains_the_joint_objective_and_exports_exactly(tmp_path: Pa
     torch.manual_seed(0)
     frames = torch.rand(3, 3, 20, 28)
     reference = copy.deepcopy(module.to_upscaler())
-    reference.merge_lora()  # as zoo.load and torch.hub.load do: the same merge of the same weights
+    reference.merge_lora()  # as zoo.load and torch.hub.load do: the same merge of the same weights,
+    reference.fuse_projections()  # and the same fused attention projections
     assert torch.equal(upscaler(frames), reference(frames))
 
 

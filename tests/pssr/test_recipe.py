@@ -54,7 +54,8 @@ def test_tiny_recipe_trains_the_three_phases_and_exports_exactly(tmp_path: Path,
     upscaler = torch.hub.load(str(REPO), "pssr", source="local", weights=str(folder))
     frames = torch.rand(3, 3, 10, 14, generator=torch.Generator().manual_seed(0))
     reference = copy.deepcopy(module.to_upscaler())
-    reference.merge_lora()  # as zoo.load and torch.hub.load do: the same merge of the same weights
+    reference.merge_lora()  # as zoo.load and torch.hub.load do: the same merge of the same weights,
+    reference.fuse_projections()  # and the same fused attention projections
     assert torch.equal(upscaler(frames), reference(frames))
 
 

@@ -114,8 +114,8 @@ def random_upscaler(name: str, size: str, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> VideoUpscaler:
     """The hub entry `name` at `size` with random weights everywhere (no published sub-weights), eval mode.
 
-    Its LoRA adapters are merged into the base weights before the cast to `dtype`, as `zoo.load` does:
-    the benchmark measures the inference path users get.
+    Its LoRA adapters are merged into the base weights and its attention projections fused before the cast to
+    `dtype`, as `zoo.load` does: the benchmark measures the inference path users get.
     """
     cls = upscaler_class(name)
     config = getattr(cls.config_class, check_variant(size))()
@@ -124,6 +124,7 @@ def random_upscaler(name: str, size: str, device: str | torch.device = "cpu",
     torch.manual_seed(0)
     upscaler = cls(config).to(device=device)
     upscaler.merge_lora()
+    upscaler.fuse_projections()
     return upscaler.to(dtype=dtype).eval()
 
 
@@ -168,23 +169,40 @@ HOST_SYNC_OPS = frozenset({
 })
 
 
-def _is_view(func: torch._ops.OpOverload) -> bool:
-    """Whether `func` returns an alias of an input without writing it: a view, which launches no kernel."""
+# Operators without a view annotation that still launch no kernel: `_unsafe_view` is the reshape of a fresh
+# tensor (metadata only, left untracked as an alias on purpose), and the `empty` family only takes memory
+# from the caching allocator.
+NO_KERNEL_OPS = frozenset({
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+})
+
+
+def launches_no_kernel(func: torch._ops.OpOverload) -> bool:
+    """Whether `func` launches no kernel: a view (returns an alias of an input without writing it), an
+    untracked reshape or an allocation (`NO_KERNEL_OPS`)."""
+    if func in NO_KERNEL_OPS:
+        return True
     return any(ret.alias_info is not None and not ret.alias_info.is_write for ret in func._schema.returns)
 
 
 class DispatchCounter(TorchDispatchMode):
     """Counts the aten operators a run dispatches and fails on a host sync of a device tensor.
 
-    A dispatched operator is a kernel launch on a GPU, except views (`views`, metadata only). Under
+    A dispatched operator is a kernel launch on a GPU, except views, untracked reshapes and allocations
+    (`views`, `launches_no_kernel`). Under
     `fake_upscaler`'s mode, fake tensors stand for device tensors and real ones for host data: an op on
     real tensors only (a stream's first frame, checked once per clip) runs for real outside the fake mode,
     while reading a fake tensor's value raises `HostSyncError`. `.cpu()` of a fake CPU tensor dispatches
     nothing and goes unseen.
 
     Attributes:
-        launches: operators dispatched that are not views.
-        views: view operators dispatched.
+        launches: operators dispatched that launch a kernel.
+        views: operators dispatched that launch none (views, untracked reshapes, allocations).
     """
 
     def __init__(self) -> None:
@@ -195,7 +213,7 @@ class DispatchCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func.namespace == "aten":
-            if _is_view(func):
+            if launches_no_kernel(func):
                 self.views += 1
             else:
                 self.launches += 1
@@ -214,8 +232,8 @@ class StreamCount:
 
     Attributes:
         flops: FLOPs by group (`FLOP_GROUPS`, "other" outside every group) and "total".
-        launches: operators dispatched that are not views (kernel launches on a GPU).
-        views: view operators dispatched.
+        launches: operators dispatched that launch a kernel (on a GPU).
+        views: operators dispatched that launch none (views, untracked reshapes, allocations).
         frames_out: output frames.
         seconds: wall time of the count itself.
     """
