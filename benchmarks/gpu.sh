@@ -4,20 +4,28 @@
 # TFLOP/s over the whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
 # compilation, peak VRAM, TFLOP/s, FLOPs / bound).
 #
-# Budget on one H100/H200, in one call: under 8 minutes. Each run is a fresh process with its own time limit,
-# EAGER_S (45 s) and COMPILED_S (70 s) per model, so 4 models take at most 4 x 115 s = 460 s plus the table;
-# a run past its limit is recorded as "timeout" and the script goes on with the next one.
+# Budget on one H100/H200, in one call: BUDGET_S (470 s) in all. The eager runs come first (every model, then
+# OSDEnhancer without VAE tiles, its FLOP-bound setting), the compiled ones after them, cheapest compilation
+# first. Each run is a fresh process limited to its own EAGER_S (60 s) or COMPILED_S (240 s) and to what is left
+# of the budget; a run past its limit is recorded as "timeout", one the budget leaves no time for as "skipped".
+#
+# FLOPs and launches are not counted here: counting 33 frames of 720p on fake tensors takes minutes of CPU per
+# model, and the count depends on no device, dtype or compilation. Each run reuses $COUNTS/<model>[-<option>].json,
+# written by `zoo bench --model NAME --size full --height 720 --width 1280 --frames 33 --dtype bf16 --count-only
+# --json FILE` (with `--option KEY=VALUE` where the run has one); without that file the run counts for itself.
 #
 # Settings (environment): MODELS (default: every registered model), SIZE (full), HEIGHT (720), WIDTH (1280),
-# FRAMES (33), DTYPE (bf16), DEVICE (auto), EAGER_S, COMPILED_S, OUT (benchmarks/results), PYTHON (python),
-# COMPILE_FLAGS (--compile: inductor; a CPU check can pass "--option compile={'backend':'eager'}"),
-# BENCH_FLAGS (more `zoo bench` flags for every run, e.g. "--busy-ok" on a shared CPU).
+# FRAMES (33), DTYPE (bf16), DEVICE (auto), EAGER_S, COMPILED_S, BUDGET_S, COUNTS (benchmarks/counts),
+# OUT (benchmarks/results), PYTHON (python), COMPILE_FLAGS (--compile: inductor; a CPU check can pass
+# "--option compile={'backend':'eager'}"), BENCH_FLAGS (more `zoo bench` flags for every run, e.g. "--busy-ok"
+# on a shared CPU).
 # CPU check of the script itself, tiny networks on small frames:
-#   SIZE=tiny DEVICE=cpu HEIGHT=64 WIDTH=64 FRAMES=3 EAGER_S=300 COMPILED_S=300 BENCH_FLAGS=--busy-ok \
-#     COMPILE_FLAGS="--option compile={'backend':'eager'}" benchmarks/gpu.sh
+#   SIZE=tiny DEVICE=cpu HEIGHT=64 WIDTH=64 FRAMES=3 BUDGET_S=900 EAGER_S=300 COMPILED_S=300 BENCH_FLAGS=--busy-ok \
+#     COUNTS=/nonexistent COMPILE_FLAGS="--option compile={'backend':'eager'}" benchmarks/gpu.sh
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+start=$SECONDS
 PYTHON=${PYTHON:-python}
 SIZE=${SIZE:-full}
 HEIGHT=${HEIGHT:-720}
@@ -25,41 +33,64 @@ WIDTH=${WIDTH:-1280}
 FRAMES=${FRAMES:-33}
 DTYPE=${DTYPE:-bf16}
 DEVICE=${DEVICE:-auto}
-EAGER_S=${EAGER_S:-45}
-COMPILED_S=${COMPILED_S:-70}
+EAGER_S=${EAGER_S:-60}
+COMPILED_S=${COMPILED_S:-240}
+BUDGET_S=${BUDGET_S:-470}
+COUNTS=${COUNTS:-benchmarks/counts}
 COMPILE_FLAGS=${COMPILE_FLAGS:---compile}
 read -ra bench_flags <<<"${BENCH_FLAGS:-}"
 OUT=${OUT:-benchmarks/results}
 MODELS=${MODELS:-$("$PYTHON" -c 'import zoo.hub; print(" ".join(zoo.hub.list_models()))')}
 mkdir -p "$OUT/runs"
 
-for model in $MODELS; do
-  for run in eager compiled; do
-    if [[ $run == eager ]]; then limit=$EAGER_S; flags=(); else limit=$COMPILED_S; read -ra flags <<<"$COMPILE_FLAGS"; fi
-    json="$OUT/runs/$model-$run.json"
-    rm -f "$json"
-    echo "== $model $run (limit ${limit}s)" >&2
-    status=0
-    timeout --kill-after=5 "$limit" "$PYTHON" -m zoo bench --model "$model" --size "$SIZE" --height "$HEIGHT" \
-      --width "$WIDTH" --frames "$FRAMES" --dtype "$DTYPE" --device "$DEVICE" "${flags[@]}" "${bench_flags[@]}" --json "$json" \
-      >"$OUT/runs/$model-$run.log" 2>&1 || status=$?
-    if [[ $status -ne 0 ]]; then
-      tail -n 3 "$OUT/runs/$model-$run.log" >&2
-      if [[ $status -eq 124 || $status -eq 137 ]]; then reason=timeout; else reason="exit $status"; fi
-      printf '{"model": "%s", "failed": "%s"}\n' "$model" "$reason" >"$json"
-    fi
-  done
+# Runs as "model[:KEY=VALUE]/eager|compiled". Compiled ones by expected compilation cost: one SD UNet call,
+# four UNet + ControlNet calls, then the video transformers.
+runs=()
+for model in $MODELS; do runs+=("$model/eager"); done
+[[ " $MODELS " == *" osdenhancer "* ]] && runs+=("osdenhancer:vae_tiling=False/eager")
+for model in osdiffvsr stream_diffvsr pssr osdenhancer; do
+  [[ " $MODELS " == *" $model "* ]] && runs+=("$model/compiled")
 done
 
-"$PYTHON" - "$OUT" "$MODELS" <<'EOF'
+keys=()
+for spec in "${runs[@]}"; do
+  run=${spec##*/}; target=${spec%/*}; model=${target%%:*}; option=""
+  [[ $target == *:* ]] && option=${target#*:}
+  key=$model${option:+-${option//[^A-Za-z0-9]/_}}-$run
+  keys+=("$key")
+  json="$OUT/runs/$key.json"
+  rm -f "$json"
+  if [[ $run == eager ]]; then limit=$EAGER_S; flags=(); else limit=$COMPILED_S; read -ra flags <<<"$COMPILE_FLAGS"; fi
+  left=$((BUDGET_S - (SECONDS - start) - 10))  # 10 s for the table
+  if ((left < 20)); then
+    echo "== $key: skipped, ${left}s of the budget left" >&2
+    printf '{"model": "%s", "run": "%s", "options": "%s", "failed": "skipped"}\n' "$model" "$run" "$option" >"$json"
+    continue
+  fi
+  ((limit > left)) && limit=$left
+  [[ -n $option ]] && flags+=(--option "$option")
+  count="$COUNTS/$model${option:+-$option}.json"
+  [[ -f $count ]] && flags+=(--counts "$count")
+  echo "== $key (limit ${limit}s, $((SECONDS - start))s in)" >&2
+  status=0
+  timeout --kill-after=5 "$limit" "$PYTHON" -m zoo bench --model "$model" --size "$SIZE" --height "$HEIGHT" \
+    --width "$WIDTH" --frames "$FRAMES" --dtype "$DTYPE" --device "$DEVICE" "${flags[@]}" "${bench_flags[@]}" \
+    --json "$json" >"$OUT/runs/$key.log" 2>&1 || status=$?
+  if [[ $status -ne 0 ]]; then
+    tail -n 3 "$OUT/runs/$key.log" >&2
+    if [[ $status -eq 124 || $status -eq 137 ]]; then reason=timeout; else reason="exit $status"; fi
+    printf '{"model": "%s", "run": "%s", "options": "%s", "failed": "%s"}\n' "$model" "$run" "$option" "$reason" \
+      >"$json"
+  fi
+done
+
+"$PYTHON" - "$OUT" "${keys[@]}" <<'EOF'
 import json
 import sys
 from pathlib import Path
 
-out, models = Path(sys.argv[1]), sys.argv[2].split()
-records = {f"{m}/{run}": json.loads((out / "runs" / f"{m}-{run}.json").read_text())
-           for m in models for run in ("eager", "compiled")}
-(out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")
+out, keys = Path(sys.argv[1]), sys.argv[2:]
+records = {key: json.loads((out / "runs" / f"{key}.json").read_text()) for key in keys}
 
 
 def cell(value, fmt):
@@ -69,19 +100,21 @@ def cell(value, fmt):
 # Chunked models (osdenhancer, pssr) yield a whole chunk at once, so the gaps between outputs after the first
 # are ~0 and a per-gap median measures nothing there: ms/frame is the whole timed stream over its output frames
 # (first frame included), and TFLOP/s follows from it. The per-gap median is kept for the per-frame models.
-rows = ["| model | run | ms/frame | steady gap median ms | first frame ms | warm-up s (incl. compile) "
-        "| peak VRAM GiB | TFLOP/s | FLOPs / bound |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+rows = ["| model | options | run | ms/frame | steady gap median ms | first frame ms | warm-up s (incl. compile) "
+        "| peak VRAM GiB | TFLOP/s | FLOPs / bound |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 for key, r in records.items():
-    model, run = key.split("/")
+    options = r["options"] if isinstance(r.get("options"), str) else ", ".join(
+        f"{k}={v}" for k, v in r.get("options", {}).items())
     if "failed" in r:
-        rows.append(f"| {model} | {run} | {r['failed']} | | | | | | |")
+        rows.append(f"| {r['model']} | {options} | {r['run']} | {r['failed']} | | | | | | |")
         continue
+    run = key.rsplit("-", 1)[1]
     total_ms = r["first_frame_ms"] + r["ms_per_frame"]["mean"] * (r["frames_out"] - 1)
     ms = total_ms / r["frames_out"]
     r["ms_per_output_frame"] = ms
     r["tflops_all_frames"] = r["flops_per_frame"]["total"] / ms / 1e9
     vram = None if r["peak_device_bytes"] is None else r["peak_device_bytes"] / 2**30
-    rows.append(f"| {model} | {run} | {cell(ms, '.1f')} | {cell(r['ms_per_frame']['median'], '.1f')} "
+    rows.append(f"| {r['model']} | {options} | {run} | {cell(ms, '.1f')} | {cell(r['ms_per_frame']['median'], '.1f')} "
                 f"| {cell(r['first_frame_ms'], '.1f')} | {cell(r['warmup_s'], '.1f')} | {cell(vram, '.2f')} "
                 f"| {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
 (out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")

@@ -176,6 +176,18 @@ def _key_values(items: list[str], flag: str) -> dict[str, object]:
     return pairs
 
 
+def _read_json(path: Path, flag: str) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag} {path} is not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} {path} holds no JSON object")
+    return data
+
+
 def _bench(ns: argparse.Namespace) -> None:
     import json
 
@@ -187,10 +199,14 @@ def _bench(ns: argparse.Namespace) -> None:
         settings = {"model": ns.model, "size": ns.size, "height": ns.height, "width": ns.width,
                     "frames": ns.frames, "dtype": ns.dtype, "device": ns.device, "compile": ns.compile,
                     "threads": ns.threads, "busy_ok": ns.busy_ok, "options": _key_values(ns.option, "--option"),
-                    "timed": False if ns.count_only else None}
+                    "timed": False if ns.count_only else None,
+                    "counts": None if ns.counts is None else _read_json(ns.counts, "--counts")}
         result = bench_pipeline(**settings)
         if ns.vs:
-            other = {**settings, **_key_values(ns.vs, "--vs")}
+            changed = _key_values(ns.vs, "--vs")
+            other = {**settings, **changed}
+            if not set(changed) & {"model", "size", "height", "width", "frames", "options"}:
+                other["counts"] = result  # the same stream: its count holds (device, dtype, compile change none)
             second = bench_pipeline(**other)
             timed = result["timed"] and second["timed"]
             result = {"baseline": result, "vs": second,
@@ -278,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-ok", action="store_true", help="time even on a machine busier than its cores")
     p.add_argument("--count-only", action="store_true",
                    help="count FLOPs and launches only (the default for --size full on the CPU), no timing")
+    p.add_argument("--counts", type=Path, metavar="JSON",
+                   help="reuse the FLOP and launch count of an earlier run of the same model, size, frames and "
+                        "options (its --json file) instead of counting again")
     p.add_argument("--json", type=Path, help="also write the result to this JSON file")
     p.set_defaults(run=_bench)
     return parser

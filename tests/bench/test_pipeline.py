@@ -94,3 +94,40 @@ def test_count_only_reports_the_count_without_timing(toy, tmp_path, capsys) -> N
     assert not base["timed"] and "ms_per_frame" not in base and result["speedup"] is None
     # Per frame: upsample, conv, relu, conv, add, clamp (see tests/bench/test_counting.py).
     assert base["launches_per_frame"] == 6 and result["launches_ratio"] == 1
+
+
+def test_a_stored_count_is_reused_only_for_the_same_stream(toy, tmp_path, capsys, monkeypatch) -> None:
+    stored = tmp_path / "count.json"
+    zoo_main(["bench", "--model", "toy", "--height", "8", "--width", "8", "--frames", "2", "--count-only",
+              "--json", str(stored)])
+    count = json.loads(stored.read_text())
+
+    def no_count(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(bench, "_count", no_count)
+    reused = bench.bench_pipeline(model="toy", height=8, width=8, frames=2, dtype="bf16", busy_ok=True,
+                                  counts=count)
+    assert reused["timed"] and reused["dtype"] == "bf16"
+    assert all(reused[key] == count[key] for key in bench.COUNT_KEYS)
+    assert reused["tflops"] == pytest.approx(count["flops_per_frame"]["total"] / reused["ms_per_frame"]["mean"] / 1e9)
+    # A `--vs` record holds the count of its first run.
+    assert bench.bench_pipeline(model="toy", height=8, width=8, frames=2, busy_ok=True, timed=False,
+                                counts={"baseline": count})["launches_per_frame"] == count["launches_per_frame"]
+    for changed, message in (({"frames": 3}, r"frames_in 2 \(not 3\)"), ({"height": 16}, r"output \[8, 8\]"),
+                             ({"options": {"tile": 4}}, r"options \{\} \(not \{'tile': 4\}\)")):
+        settings = {"model": "toy", "height": 8, "width": 8, "frames": 2, "busy_ok": True, "counts": count, **changed}
+        with pytest.raises(ValueError, match="the stored count is of another run: " + message):
+            bench.bench_pipeline(**settings)
+    with pytest.raises(ValueError, match="lacks launches_per_frame"):
+        bench.bench_pipeline(model="toy", height=8, width=8, frames=2, busy_ok=True,
+                             counts={k: v for k, v in count.items() if k != "launches_per_frame"})
+
+
+def test_counts_flag_refuses_an_unreadable_file(toy, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit) as exit_info:
+        zoo_main(["bench", "--model", "toy", "--height", "8", "--width", "8", "--frames", "2", "--counts", str(bad)])
+    assert exit_info.value.code == 2
+    assert f"--counts {bad} is not a readable JSON file" in capsys.readouterr().err

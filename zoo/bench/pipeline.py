@@ -122,7 +122,8 @@ def random_upscaler(name: str, size: str, device: str | torch.device = "cpu",
     switched = {f.name: False for f in dataclasses.fields(config) if f.name.endswith("_pretrained")}
     config = dataclasses.replace(config, **switched)
     torch.manual_seed(0)
-    upscaler = cls(config).to(device=device)
+    with torch.device(device):  # random init where the model runs: a 5B-parameter network inits in seconds on a GPU
+        upscaler = cls(config)
     upscaler.merge_lora()
     upscaler.fuse_projections()
     return upscaler.to(dtype=dtype).eval()
@@ -297,7 +298,8 @@ def _check_idle(busy_ok: bool) -> float:
 def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height: int = 128, width: int = 128,
                    frames: int = 9, dtype: str = "float32", device: str = "auto", compile: bool = False,
                    threads: int | None = None, warmup: int = 2, options: dict[str, Any] | None = None,
-                   busy_ok: bool = False, timed: bool | None = None) -> dict[str, Any]:
+                   busy_ok: bool = False, timed: bool | None = None,
+                   counts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Speed, memory, FLOPs and operator launches of `model`'s `stream()` at `height` x `width` OUTPUT pixels.
 
     Args:
@@ -310,19 +312,21 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         compile: wrap the pipeline's per-frame step in `torch.compile` (its `compile` option).
         threads: CPU threads (`torch.set_num_threads`); 1 when None on CPU, at most the machine's cores.
-        warmup: frames streamed (and discarded) before timing.
+        warmup: passes over the whole clip streamed (and discarded) before timing: every shape the timed
+            run meets (the first frame, the steady frames, a clip's last chunk) is compiled and tuned first.
         options: the pipeline's runtime options (`VideoUpscaler.configure`).
         busy_ok: time even when the machine is busier than its cores.
         timed: build the real network and time it; None times unless a full-size network would run on the
             CPU (hours per clip, and more memory than the machine has: the count alone runs then).
+        counts: the record of an earlier run of the same model, size, output size, LR frames and options
+            (`zoo bench ... --count-only --json FILE`), whose count is used instead of counting again: the count
+            depends on none of device, dtype and compile, and at 33 frames of 720p takes minutes of CPU.
 
     Returns:
         A flat record: configuration, the count (`flops_per_frame` by group, `launches_per_frame`,
         `views_per_frame`, `count_s`, `bound_flops_per_frame` / `ratio_to_bound`) and, when timed,
         `first_frame_ms`, `ms_per_frame` {median, p10, p90, mean}, peak memory and `tflops`.
     """
-    from zoo.bench.bounds import flop_bound
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if frames < 2:
@@ -336,8 +340,37 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
     timed = (size == "tiny" or torch_device.type == "cuda") if timed is None else timed
     load = _check_idle(busy_ok) if timed else os.getloadavg()[0]
 
+    if counts is None:
+        count = _count(model, size, height, width, frames, dtype, options)
+    else:
+        count = _reuse_count(counts, model, size, height, width, frames, options)
+    result = {
+        "model": model, "size": size, "device": str(torch_device), "dtype": dtype, "threads": threads,
+        "cores": cores, "load_average": round(load, 2), "compile": compile, "options": options or {},
+        "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None,
+        "torch": torch.__version__, **count, "timed": timed,
+    }
+    if timed:
+        lr = list(random_frames(frames, *result["input"]))
+        result.update(_time_stream(model, size, torch_device, DTYPES[dtype], options, compile, lr, warmup,
+                                   result["flops_per_frame"]["total"]))
+    return result
+
+
+COUNT_KEYS = ("input", "output", "frames_in", "frames_out", "flops_per_frame", "launches_per_frame",
+              "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound")
+"""The fields of a `bench_pipeline` record that its count gives (the rest: the run's settings and timings)."""
+
+
+def _count(model: str, size: str, height: int, width: int, frames: int, dtype: str,
+           options: dict[str, Any] | None) -> dict[str, Any]:
+    """FLOPs, launches and the bound of streaming `frames` random LR frames, on fake tensors."""
+    from zoo.bench.bounds import flop_bound
+
     fake, mode = fake_upscaler(model, size, DTYPES[dtype])
-    fake.configure(**(options or {}))
+    # Compilation changes no count (the count runs eager), and its channels_last conversion cannot swap fake
+    # parameters on every PyTorch version.
+    fake.configure(**{key: value for key, value in (options or {}).items() if key != "compile"})
     scale = fake.scale
     if height % scale or width % scale:
         raise ValueError(f"{model} upscales x{scale}: height and width must divide by {scale}, got {height}x{width}")
@@ -347,20 +380,27 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
     per_frame = {group: value / count.frames_out for group, value in count.flops.items()}
     with torch.no_grad(), mode, DispatchCounter():  # host-side constants (schedules) stay real, as in the count
         bound = flop_bound(fake, *lr_size, frames)
-    del fake
-    result = {
-        "model": model, "size": size, "device": str(torch_device), "dtype": dtype, "threads": threads,
-        "cores": cores, "load_average": round(load, 2), "compile": compile, "options": options or {},
+    return {
         "input": list(lr_size), "output": [height, width], "frames_in": len(lr), "frames_out": count.frames_out,
         "flops_per_frame": per_frame, "launches_per_frame": count.launches / count.frames_out,
         "views_per_frame": count.views / count.frames_out, "count_s": count.seconds,
         "bound_flops_per_frame": bound, "ratio_to_bound": per_frame["total"] / bound if bound else None,
-        "timed": timed,
     }
-    if timed:
-        result.update(_time_stream(model, size, torch_device, DTYPES[dtype], options, compile, lr, warmup,
-                                   per_frame["total"]))
-    return result
+
+
+def _reuse_count(record: dict[str, Any], model: str, size: str, height: int, width: int, frames: int,
+                 options: dict[str, Any] | None) -> dict[str, Any]:
+    """The count fields of an earlier `bench_pipeline` record, after checking it counted this same stream."""
+    record = record.get("baseline", record)  # a `--vs` record: its first run
+    wanted = {"model": model, "size": size, "output": [height, width], "frames_in": frames, "options": options or {}}
+    found = {key: record.get(key) for key in wanted}
+    if found != wanted:
+        differ = ", ".join(f"{key} {found[key]!r} (not {wanted[key]!r})" for key in wanted if found[key] != wanted[key])
+        raise ValueError(f"the stored count is of another run: {differ}")
+    missing = [key for key in COUNT_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"the stored count lacks {', '.join(missing)}: pass the JSON of a `zoo bench --model` run")
+    return {key: record[key] for key in COUNT_KEYS}
 
 
 def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype, options: dict[str, Any] | None,
@@ -372,8 +412,9 @@ def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype
     lr = [f.to(device, dtype) for f in frames]
     compile_start = time.perf_counter()
     with torch.no_grad():
-        for _ in upscaler.stream(iter(lr[: max(warmup, 1)])):
-            pass
+        for _ in range(max(warmup, 1)):
+            for _ in upscaler.stream(iter(lr)):
+                pass
     _synchronize(device)
     warmup_s = time.perf_counter() - compile_start
     if device.type == "cuda":
