@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# Every registered model at full size with random weights, 720p output, bf16, 33 LR frames: eager vs
-# compiled, through `zoo bench --model`. Writes $OUT/gpu.json (every run's record, plus ms per output frame and
+# Every registered model at full size with random weights, 720p output, bf16, 33 output frames (33 LR frames;
+# 17 for OSDEnhancer, which doubles the frame rate: one chunk of each chunked model): eager vs compiled, through
+# `zoo bench --model`. Writes $OUT/gpu.json (every run's record, plus ms per output frame and
 # TFLOP/s over the whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
 # compilation, peak VRAM, TFLOP/s, FLOPs / bound).
 #
-# Budget on one H100/H200, in one call: BUDGET_S (470 s) in all. The eager runs come first (every model, then
-# OSDEnhancer without VAE tiles, its FLOP-bound setting), the compiled ones after them, cheapest compilation
-# first. Each run is a fresh process limited to its own EAGER_S (60 s) or COMPILED_S (240 s) and to what is left
-# of the budget; a run past its limit is recorded as "timeout", one the budget leaves no time for as "skipped".
+# Budget on one H100/H200, in one call: BUDGET_S (470 s) in all. The eager runs come first (every model, with
+# OSDEnhancer also without VAE tiles, its FLOP-bound setting), the compiled ones after them, cheapest compilation
+# first. Each run is a fresh process limited to its own EAGER_S (120 s) or COMPILED_S (240 s) and to what is left
+# of the budget; a run past its limit is recorded as "timeout" with the last progress line of its log (build,
+# warm-up, frames timed so far), one the budget leaves no time for as "skipped".
 #
 # FLOPs and launches are not counted here: counting 33 frames of 720p on fake tensors takes minutes of CPU per
 # model, and the count depends on no device, dtype or compilation. Each run reuses $COUNTS/<model>[-<option>].json,
-# written by `zoo bench --model NAME --size full --height 720 --width 1280 --frames 33 --dtype bf16 --count-only
-# --json FILE` (with `--option KEY=VALUE` where the run has one); without that file the run counts for itself.
+# written by `zoo bench --model NAME --size full --height 720 --width 1280 --frames 33 (17) --dtype bf16
+# --count-only --json FILE` (with `--option KEY=VALUE` where the run has one); without it the run counts itself.
 #
 # Settings (environment): MODELS (default: every registered model), SIZE (full), HEIGHT (720), WIDTH (1280),
-# FRAMES (33), DTYPE (bf16), DEVICE (auto), EAGER_S, COMPILED_S, BUDGET_S, COUNTS (benchmarks/counts),
-# OUT (benchmarks/results), PYTHON (python), COMPILE_FLAGS (--compile: inductor; a CPU check can pass
-# "--option compile={'backend':'eager'}"), BENCH_FLAGS (more `zoo bench` flags for every run, e.g. "--busy-ok"
-# on a shared CPU).
+# FRAMES (LR frames of every model; unset: 33, and 17 for osdenhancer), DTYPE (bf16), DEVICE (auto), EAGER_S,
+# COMPILED_S, BUDGET_S, COUNTS (benchmarks/counts), OUT (benchmarks/results), PYTHON (python), COMPILE_FLAGS
+# (--compile: inductor; a CPU check can pass "--option compile={'backend':'eager'}"), BENCH_FLAGS (more `zoo
+# bench` flags for every run, e.g. "--busy-ok" on a shared CPU).
 # CPU check of the script itself, tiny networks on small frames:
 #   SIZE=tiny DEVICE=cpu HEIGHT=64 WIDTH=64 FRAMES=3 BUDGET_S=900 EAGER_S=300 COMPILED_S=300 BENCH_FLAGS=--busy-ok \
 #     COUNTS=/nonexistent COMPILE_FLAGS="--option compile={'backend':'eager'}" benchmarks/gpu.sh
@@ -30,10 +32,12 @@ PYTHON=${PYTHON:-python}
 SIZE=${SIZE:-full}
 HEIGHT=${HEIGHT:-720}
 WIDTH=${WIDTH:-1280}
-FRAMES=${FRAMES:-33}
+frames_of() {  # LR frames giving 33 output frames, unless FRAMES sets them all
+  if [[ -n ${FRAMES:-} ]]; then echo "$FRAMES"; elif [[ $1 == osdenhancer ]]; then echo 17; else echo 33; fi
+}
 DTYPE=${DTYPE:-bf16}
 DEVICE=${DEVICE:-auto}
-EAGER_S=${EAGER_S:-60}
+EAGER_S=${EAGER_S:-120}
 COMPILED_S=${COMPILED_S:-240}
 BUDGET_S=${BUDGET_S:-470}
 COUNTS=${COUNTS:-benchmarks/counts}
@@ -46,8 +50,10 @@ mkdir -p "$OUT/runs"
 # Runs as "model[:KEY=VALUE]/eager|compiled". Compiled ones by expected compilation cost: one SD UNet call,
 # four UNet + ControlNet calls, then the video transformers.
 runs=()
-for model in $MODELS; do runs+=("$model/eager"); done
-[[ " $MODELS " == *" osdenhancer "* ]] && runs+=("osdenhancer:vae_tiling=False/eager")
+for model in $MODELS; do
+  [[ $model == osdenhancer ]] && runs+=("osdenhancer:vae_tiling=False/eager")
+  runs+=("$model/eager")
+done
 for model in osdiffvsr stream_diffvsr pssr osdenhancer; do
   [[ " $MODELS " == *" $model "* ]] && runs+=("$model/compiled")
 done
@@ -69,16 +75,19 @@ for spec in "${runs[@]}"; do
   fi
   ((limit > left)) && limit=$left
   [[ -n $option ]] && flags+=(--option "$option")
+  frames=$(frames_of "$model")
   count="$COUNTS/$model${option:+-$option}.json"
   [[ -f $count ]] && flags+=(--counts "$count")
   echo "== $key (limit ${limit}s, $((SECONDS - start))s in)" >&2
   status=0
   timeout --kill-after=5 "$limit" "$PYTHON" -m zoo bench --model "$model" --size "$SIZE" --height "$HEIGHT" \
-    --width "$WIDTH" --frames "$FRAMES" --dtype "$DTYPE" --device "$DEVICE" "${flags[@]}" "${bench_flags[@]}" \
+    --width "$WIDTH" --frames "$frames" --dtype "$DTYPE" --device "$DEVICE" "${flags[@]}" "${bench_flags[@]}" \
     --json "$json" >"$OUT/runs/$key.log" 2>&1 || status=$?
   if [[ $status -ne 0 ]]; then
     tail -n 3 "$OUT/runs/$key.log" >&2
     if [[ $status -eq 124 || $status -eq 137 ]]; then reason=timeout; else reason="exit $status"; fi
+    last=$(grep '^zoo bench: ' "$OUT/runs/$key.log" | tail -n 1 | sed 's/^zoo bench: //; s/["\\]//g' || true)
+    [[ -n $last ]] && reason="$reason after: $last"
     printf '{"model": "%s", "run": "%s", "options": "%s", "failed": "%s"}\n' "$model" "$run" "$option" "$reason" \
       >"$json"
   fi
@@ -119,9 +128,10 @@ for key, r in records.items():
                 f"| {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
 (out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")
 first = next((r for r in records.values() if "failed" not in r), {})
+frames = sorted({f"{r['frames_in']} -> {r['frames_out']}" for r in records.values() if "failed" not in r})
 title = (f"`zoo bench` {first.get('size', '?')} size, {first.get('output', ['?', '?'])[0]}x"
-         f"{first.get('output', ['?', '?'])[1]} output, {first.get('dtype', '?')}, {first.get('frames_in', '?')} "
-         f"LR frames, {first.get('device', '?')}")
+         f"{first.get('output', ['?', '?'])[1]} output, {first.get('dtype', '?')}, frames {', '.join(frames)}, "
+         f"{first.get('device_name') or first.get('device', '?')}, torch {first.get('torch', '?')}")
 (out / "gpu.md").write_text(title + "\n\n" + "\n".join(rows) + "\n")
 print((out / "gpu.md").read_text())
 EOF

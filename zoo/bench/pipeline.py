@@ -23,6 +23,7 @@ import dataclasses
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -297,7 +298,7 @@ def _check_idle(busy_ok: bool) -> float:
 
 def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height: int = 128, width: int = 128,
                    frames: int = 9, dtype: str = "float32", device: str = "auto", compile: bool = False,
-                   threads: int | None = None, warmup: int = 2, options: dict[str, Any] | None = None,
+                   threads: int | None = None, warmup: int = 3, options: dict[str, Any] | None = None,
                    busy_ok: bool = False, timed: bool | None = None,
                    counts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Speed, memory, FLOPs and operator launches of `model`'s `stream()` at `height` x `width` OUTPUT pixels.
@@ -312,8 +313,10 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         compile: wrap the pipeline's per-frame step in `torch.compile` (its `compile` option).
         threads: CPU threads (`torch.set_num_threads`); 1 when None on CPU, at most the machine's cores.
-        warmup: passes over the whole clip streamed (and discarded) before timing: every shape the timed
-            run meets (the first frame, the steady frames, a clip's last chunk) is compiled and tuned first.
+        warmup: output frames streamed (and discarded) before timing, from the start of the clip: with 3, a
+            per-frame pipeline runs its first frame and two steady ones (Stream-DiffVSR's first frame runs
+            without ARTG: another graph), a chunked one its first chunk (which yields a chunk at once), so
+            each shape the timed run meets is compiled and tuned first.
         options: the pipeline's runtime options (`VideoUpscaler.configure`).
         busy_ok: time even when the machine is busier than its cores.
         timed: build the real network and time it; None times unless a full-size network would run on the
@@ -403,20 +406,35 @@ def _reuse_count(record: dict[str, Any], model: str, size: str, height: int, wid
     return {key: record[key] for key in COUNT_KEYS}
 
 
+def _progress(message: str) -> None:
+    """One line of a timed run's progress on stderr (stdout carries the JSON record)."""
+    print(f"zoo bench: {message}", file=sys.stderr, flush=True)
+
+
 def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype, options: dict[str, Any] | None,
                  compile: bool, frames: list[Tensor], warmup: int, flops_per_frame: float) -> dict[str, Any]:
-    """Warm up, then time the real network's stream frame by frame with device synchronisation."""
+    """Warm up, then time the real network's stream frame by frame with device synchronisation.
+
+    Each phase reports its time on stderr as it ends, so a run stopped by a time limit still shows where the
+    time went.
+    """
+    start = time.perf_counter()
     upscaler = random_upscaler(model, size, device, dtype).configure(**(options or {}))
     if compile:
         upscaler.configure(compile=True)
     lr = [f.to(device, dtype) for f in frames]
+    _synchronize(device)
+    _progress(f"built {model} ({size}, {dtype}) on {device} in {time.perf_counter() - start:.1f} s")
     compile_start = time.perf_counter()
     with torch.no_grad():
-        for _ in range(max(warmup, 1)):
-            for _ in upscaler.stream(iter(lr)):
-                pass
+        warmed = 0
+        for _ in upscaler.stream(iter(lr)):
+            warmed += 1
+            if warmed >= max(warmup, 1):
+                break
     _synchronize(device)
     warmup_s = time.perf_counter() - compile_start
+    _progress(f"warm-up: {warmed} output frames in {warmup_s:.1f} s (compile: {upscaler.compile_seconds})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stamps = []
@@ -425,6 +443,8 @@ def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype
         for _ in upscaler.stream(iter(lr)):
             _synchronize(device)
             stamps.append(time.perf_counter())
+            if len(stamps) == 1 or len(stamps) % 8 == 0:
+                _progress(f"timed: {len(stamps)} output frames in {stamps[-1] - start:.1f} s")
     gaps = [1000 * (b - a) for a, b in zip([start, *stamps[:-1]], stamps)]
     steady = gaps[1:] or gaps
     quantiles = statistics.quantiles(steady, n=10) if len(steady) > 1 else steady * 9
