@@ -271,3 +271,24 @@ def test_raft_stays_float32_when_its_model_is_cast_to_bfloat16() -> None:
     image = torch.rand(1, 3, 16, 16)
     assert holder["flow"](image.bfloat16(), image.bfloat16()).dtype == torch.float32
     assert {p.dtype for p in holder.double()["flow"].parameters()} == {torch.float64}  # only half casts are kept
+
+
+@pytest.mark.parametrize("variant", ["large", "small"])
+def test_final_flow_is_torchvision_rafts_last_prediction_to_the_bit(variant: str) -> None:
+    torch.manual_seed(0)
+    estimator = FlowEstimator(variant, pretrained=False, num_flow_updates=5)
+    image1, image2 = torch.rand(2, 2, 3, 128, 160) * 2 - 1
+    with torch.no_grad():
+        predictions = estimator.raft(image1, image2, num_flow_updates=5)
+        ours = estimator.final_flow(image1, image2)
+    assert torch.equal(ours, predictions[-1])
+    assert not torch.equal(ours, predictions[-2])  # the update count reaches the loop
+
+
+def test_final_flow_predicts_the_upsampling_mask_once() -> None:
+    estimator = FlowEstimator("large", pretrained=False, num_flow_updates=4)
+    calls = []
+    estimator.raft.update_block.register_forward_hook(lambda *args: calls.append("update"))
+    estimator.raft.mask_predictor.register_forward_hook(lambda *args: calls.append("mask"))
+    estimator(*torch.rand(2, 1, 3, 128, 128))
+    assert calls == ["update"] * 4 + ["mask"]  # torchvision's forward: ["update", "mask"] * 4
