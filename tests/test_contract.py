@@ -158,8 +158,8 @@ def test_compile_matches_eager_without_recompiling_per_frame(name: str) -> None:
     assert compiled_once > 0 and len(graphs) == compiled_once
     assert set(upscaler.compile_seconds) == set(upscaler._compiled) and all(
         s > 0 for s in upscaler.compile_seconds.values())
-    # Measured max differences: 0 (osdenhancer, pssr), 8.9e-8 (stream_diffvsr) and 4.9e-6 (osdiffvsr): the
-    # channels-last VAE's convolutions sum in another order.
+    # Measured max differences: 0 (osdenhancer, pssr), 1.5e-7 (stream_diffvsr) and 3.8e-6 (osdiffvsr): the
+    # channels-last networks' convolutions (VAE, UNet, ControlNet) sum in another order.
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="compile must be True, False or a dict"):
         upscaler.configure(compile="yes")

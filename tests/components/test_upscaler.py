@@ -215,3 +215,27 @@ def test_fuse_projections_fuses_plain_attention_and_keeps_the_output() -> None:
 def test_fuse_projections_leaves_custom_attention_processors() -> None:
     up = zoo.load("pssr", pretrained=False, variant="tiny", merge_lora=False)
     assert up.fuse_projections() == 0 and not up.projections_fused
+
+
+def _layouts(up) -> set[str]:
+    """The layouts of the convolution weights whose layouts differ (not 1x1 kernels, which are both)."""
+    weights = [m.weight for net in up.channels_last_modules() for m in net.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert weights
+    return {"channels_last" if w.is_contiguous(memory_format=torch.channels_last) else "contiguous" for w in weights}
+
+
+@pytest.mark.parametrize("name", ["osdiffvsr", "stream_diffvsr"])
+def test_convolutional_networks_go_channels_last_on_cuda_and_when_compiled(name: str) -> None:
+    up = zoo.load(name, pretrained=False, variant="tiny")
+    assert _layouts(up) == {"contiguous"}  # CPU eager: PyTorch's default layout and numerics
+    up._set_memory_format(torch.device("cuda"))  # what moving the model to a CUDA device does (`_apply`)
+    assert _layouts(up) == {"channels_last"}
+    up._set_memory_format(torch.device("cpu"))
+    assert _layouts(up) == {"contiguous"}
+    up.configure(compile={"backend": "eager"})
+    assert _layouts(up) == {"channels_last"}
+    up.to(torch.float64)  # a move keeps the compiled layout
+    assert _layouts(up) == {"channels_last"}
+    up.configure(compile=False)
+    assert _layouts(up) == {"contiguous"}

@@ -22,7 +22,8 @@ Speed (shared by every pipeline):
 - The `compile` option wraps a pipeline's fixed-shape per-frame or per-chunk step in `torch.compile`
   (`compiled`); `compile_seconds` reports each step's first call, compilation included.
 - Moving a pipeline to a CUDA device turns TF32 on for float32 matmuls and convolutions (`use_tf32`):
-  the float32 islands of a bfloat16 model (RAFT, warps, VAEs kept in float32) then run on tensor cores.
+  the float32 islands of a bfloat16 model (RAFT, warps, VAEs kept in float32) then run on tensor cores;
+  its 2-D convolutional networks go channels-last there (`channels_last_modules`).
 """
 
 from __future__ import annotations
@@ -287,13 +288,12 @@ class VideoUpscaler(nn.Module):
             takes = ", ".join(self.options) or "none"
             raise ValueError(f"{self.hub_name} takes no option(s) {', '.join(unknown)}; its options are {takes}")
         if "compile" in options:
-            settings = compile_settings(options["compile"])
+            compile_settings(options["compile"])  # checks the value
             self._compiled = {}  # steps compiled with the previous settings
-            memory_format = torch.contiguous_format if settings is None else torch.channels_last
-            for module in self.channels_last_modules():
-                module.to(memory_format=memory_format)
         for name, value in options.items():
             setattr(self, name, value)
+        if "compile" in options:
+            self._set_memory_format()
         self._check_shared_options()
         self.check_options()
         return self
@@ -365,8 +365,24 @@ class VideoUpscaler(nn.Module):
     # Speed -------------------------------------------------------------------------------
 
     def channels_last_modules(self) -> list[nn.Module]:
-        """Modules switched to channels-last with the `compile` option: a pipeline's 2-D convolutional VAE."""
+        """A pipeline's 2-D convolutional networks, held channels-last on CUDA and with the `compile` option.
+
+        Channels-last (NHWC) is the layout of cuDNN's tensor-core convolutions and of inductor's generated
+        kernels; on the CPU, eager runs keep PyTorch's default layout (and its numerics).
+        """
         return []
+
+    def _set_memory_format(self, device: torch.device | None = None) -> None:
+        """Channels-last for `channels_last_modules` on a CUDA `device` (default: the model's) or when compiling,
+        else the default layout."""
+        device = device or next((p.device for p in self.parameters()), None)
+        if device is None or device.type == "meta":
+            return
+        compiling = "compile" in self.options and compile_settings(self.compile) is not None
+        channels_last = compiling or device.type == "cuda"
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for module in self.channels_last_modules():
+            module.to(memory_format=memory_format)
 
     def compiled(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn`, or with the `compile` option its `CompiledStep` (built once per name and setting).
@@ -392,6 +408,7 @@ class VideoUpscaler(nn.Module):
         device = next((p.device for p in self.parameters()), None)
         if device is not None:
             use_tf32(device)
+            self._set_memory_format(device)
         return self
 
     def merge_lora(self) -> int:

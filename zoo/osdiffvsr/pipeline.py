@@ -100,8 +100,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     Options (`configure`): `tile`, the side in LR pixels of the square tiles on which the UNet step
     runs, blended where they overlap (None: whole frames), `tile_overlap`, their overlap in LR
     pixels, `color_fix` (`"adain"`, `"wavelet"` or `"none"`), and `compile`, which runs each window
-    (`upscale_window`, one frame's fixed-shape step) through `torch.compile` with the VAE in
-    channels-last (see `VideoUpscaler.compiled`).
+    (`upscale_window`, one frame's fixed-shape step) through `torch.compile` with the VAE and UNet
+    in channels-last, as on CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`).
 
     Args:
         config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -130,7 +130,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             raise ValueError(f"tile_overlap must be in [0, tile), got {self.tile_overlap} with tile {self.tile}")
 
     def channels_last_modules(self) -> list[torch.nn.Module]:
-        return [self.net.vae]
+        return [self.net.vae, self.net.unet]
 
     @property
     def latent_per_lr(self) -> float:

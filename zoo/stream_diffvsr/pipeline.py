@@ -139,9 +139,9 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
     `"lr"` on the LR frames themselves with the flow resized x4 (16x fewer flow pixels, faster, a
     coarser flow). It is an option, not a config field, because it changes how frames are processed,
     not the weights: every checkpoint runs with either. `compile` runs each frame's fixed-shape step
-    (`frame_step`: flow, warp, DDIM, decoding) through `torch.compile` with the autoencoder in
-    channels-last (see `VideoUpscaler.compiled`); the first frame, without a previous one, is a graph of
-    its own.
+    (`frame_step`: flow, warp, DDIM, decoding) through `torch.compile` with the autoencoder, UNet
+    and ControlNet in channels-last, as on CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`); the
+    first frame, without a previous one, is a graph of its own.
 
     Args:
         config: the network config (`StreamDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -190,7 +190,7 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         return stream_warp(prev_hr, flow)
 
     def channels_last_modules(self) -> list[torch.nn.Module]:
-        return [self.net.vae]
+        return [self.net.vae, self.net.unet, self.net.controlnet]
 
     def frame_step(self, lr: Tensor, noise: Tensor, prev_lr: Tensor | None, prev_hr: Tensor | None) -> Tensor:
         """One frame's networks: the raw HR output `(1, 3, 4h, 4w)` of `lr` (padded, in `[-1, 1]`).
