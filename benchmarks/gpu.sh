@@ -5,6 +5,8 @@
 # TFLOP/s over the whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
 # compilation, peak VRAM, TFLOP/s, FLOPs / bound).
 #
+# Eager runs also time each module group (`zoo bench --breakdown`: one more pass over the clip).
+#
 # Budget on one H100/H200, in one call: BUDGET_S (470 s) in all. The eager runs come first (every model, with
 # OSDEnhancer also without VAE tiles, its FLOP-bound setting), the compiled ones after them, cheapest compilation
 # first. Each run is a fresh process limited to its own EAGER_S (120 s) or COMPILED_S (240 s) and to what is left
@@ -66,7 +68,7 @@ for spec in "${runs[@]}"; do
   keys+=("$key")
   json="$OUT/runs/$key.json"
   rm -f "$json"
-  if [[ $run == eager ]]; then limit=$EAGER_S; flags=(); else limit=$COMPILED_S; read -ra flags <<<"$COMPILE_FLAGS"; fi
+  if [[ $run == eager ]]; then limit=$EAGER_S; flags=(--breakdown); else limit=$COMPILED_S; read -ra flags <<<"$COMPILE_FLAGS"; fi
   left=$((BUDGET_S - (SECONDS - start) - 10))  # 10 s for the table
   if ((left < 20)); then
     echo "== $key: skipped, ${left}s of the budget left" >&2
@@ -127,6 +129,13 @@ for key, r in records.items():
                 f"| {cell(r['first_frame_ms'], '.1f')} | {cell(r['warmup_s'], '.1f')} | {cell(vram, '.2f')} "
                 f"| {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
 (out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")
+rows += ["", "Where an eager frame's time goes (`--breakdown`: device ms per output frame by module group, one more "
+         "pass over the clip):", "", "| model | options | ms per output frame by group |", "|---|---|---|"]
+for r in records.values():
+    if r.get("ms_by_group"):
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["ms_by_group"].items(), key=lambda kv: -kv[1]))
+        rows.append(f"| {r['model']} | {options} | {split} |")
 first = next((r for r in records.values() if "failed" not in r), {})
 frames = sorted({f"{r['frames_in']} -> {r['frames_out']}" for r in records.values() if "failed" not in r})
 title = (f"`zoo bench` {first.get('size', '?')} size, {first.get('output', ['?', '?'])[0]}x"

@@ -200,7 +200,8 @@ def _bench(ns: argparse.Namespace) -> None:
                     "frames": ns.frames, "dtype": ns.dtype, "device": ns.device, "compile": ns.compile,
                     "threads": ns.threads, "busy_ok": ns.busy_ok, "options": _key_values(ns.option, "--option"),
                     "timed": False if ns.count_only else None,
-                    "counts": None if ns.counts is None else _read_json(ns.counts, "--counts")}
+                    "counts": None if ns.counts is None else _read_json(ns.counts, "--counts"),
+                    "breakdown": ns.breakdown}
         result = bench_pipeline(**settings)
         if ns.vs:
             changed = _key_values(ns.vs, "--vs")
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", type=Path, metavar="JSON",
                    help="reuse the FLOP and launch count of an earlier run of the same model, size, frames and "
                         "options (its --json file) instead of counting again")
+    p.add_argument("--breakdown", action="store_true",
+                   help="stream the clip once more, timing each module group (VAE, denoiser, flow, ...); eager only")
     p.add_argument("--json", type=Path, help="also write the result to this JSON file")
     p.set_defaults(run=_bench)
     return parser

@@ -131,3 +131,29 @@ def test_counts_flag_refuses_an_unreadable_file(toy, tmp_path, capsys) -> None:
         zoo_main(["bench", "--model", "toy", "--height", "8", "--width", "8", "--frames", "2", "--counts", str(bad)])
     assert exit_info.value.code == 2
     assert f"--counts {bad} is not a readable JSON file" in capsys.readouterr().err
+
+
+def test_group_timer_times_the_outermost_module_of_each_group(monkeypatch) -> None:
+    inner = torch.nn.Linear(2, 2)
+    first = torch.nn.Sequential(inner, torch.nn.ReLU())
+    model = torch.nn.Sequential(first, torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Tanh()))
+    groups = {first: "first", inner: "first", model[2]: "third", model[2][0]: "third"}
+    clock = iter([1.000, 1.005, 2.000, 2.0125])  # the only clock reads: each group's outermost call and return
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    timer = bench.GroupTimer(groups, torch.device("cpu"))
+    with timer:
+        model(torch.rand(1, 2))
+    model(torch.rand(1, 2))  # outside the context: no hooks left
+    assert [group for group, _, _ in timer.intervals] == ["first", "third"]
+    assert timer.totals_ms() == pytest.approx({"first": 5.0, "third": 12.5})
+
+
+def test_breakdown_reports_milliseconds_by_group_for_eager_runs_only() -> None:
+    result = bench.bench_pipeline(model="stream_diffvsr", height=32, width=48, frames=2, busy_ok=True,
+                                  breakdown=True)
+    by_group = result["ms_by_group"]
+    assert {"denoiser", "controlnet", "flow", "decoder", "other"} <= set(by_group)
+    assert all(ms > 0 for key, ms in by_group.items() if key != "other")
+    with pytest.raises(ValueError, match="eager runs only"):
+        bench.bench_pipeline(model="stream_diffvsr", height=32, width=48, frames=2, busy_ok=True,
+                             breakdown=True, compile=True)

@@ -111,6 +111,62 @@ class GroupedFlopCounter(FlopCounterMode):
         return super()._count_flops(func_packet, out, args, kwargs)
 
 
+class GroupTimer:
+    """Device time of each `FLOP_GROUPS` group while it is active: where a frame's milliseconds go.
+
+    Global module hooks open an interval when the outermost module of a group starts and close it when that
+    module returns; on CUDA each end is an event recorded in the stream (no host sync until `totals_ms`), on
+    the CPU a clock read. Time outside every group is the run's total minus the groups'. For eager runs only:
+    the hooks would enter a compiled graph.
+
+    Args:
+        groups: module -> group name (`module_groups`).
+        device: where the model runs.
+    """
+
+    def __init__(self, groups: dict[torch.nn.Module, str], device: torch.device) -> None:
+        self.groups = groups
+        self.cuda = device.type == "cuda"
+        self.intervals: list[tuple[str, Any, Any]] = []
+        self._open: tuple[torch.nn.Module, str, Any] | None = None
+        self._handles: list[Any] = []
+
+    def _stamp(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        if self._open is None and module in self.groups:
+            self._open = (module, self.groups[module], self._stamp())
+
+    def _exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._open is not None and self._open[0] is module:
+            self.intervals.append((self._open[1], self._open[2], self._stamp()))
+            self._open = None
+
+    def __enter__(self) -> GroupTimer:
+        self._handles = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+                         torch.nn.modules.module.register_module_forward_hook(self._exit, always_call=True)]
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def totals_ms(self) -> dict[str, float]:
+        """Milliseconds per group over every interval so far (synchronises the device once)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for group, start, end in self.intervals:
+            ms = start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+            totals[group] = totals.get(group, 0.0) + ms
+        return totals
+
+
 def random_upscaler(name: str, size: str, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> VideoUpscaler:
     """The hub entry `name` at `size` with random weights everywhere (no published sub-weights), eval mode.
@@ -300,7 +356,7 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
                    frames: int = 9, dtype: str = "float32", device: str = "auto", compile: bool = False,
                    threads: int | None = None, warmup: int = 3, options: dict[str, Any] | None = None,
                    busy_ok: bool = False, timed: bool | None = None,
-                   counts: dict[str, Any] | None = None) -> dict[str, Any]:
+                   counts: dict[str, Any] | None = None, breakdown: bool = False) -> dict[str, Any]:
     """Speed, memory, FLOPs and operator launches of `model`'s `stream()` at `height` x `width` OUTPUT pixels.
 
     Args:
@@ -324,12 +380,16 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
         counts: the record of an earlier run of the same model, size, output size, LR frames and options
             (`zoo bench ... --count-only --json FILE`), whose count is used instead of counting again: the count
             depends on none of device, dtype and compile, and at 33 frames of 720p takes minutes of CPU.
+        breakdown: after the timed run, stream the clip once more with a `GroupTimer` (eager runs only) and
+            report `ms_by_group`: device milliseconds per output frame in each module group, "other" the rest.
 
     Returns:
         A flat record: configuration, the count (`flops_per_frame` by group, `launches_per_frame`,
         `views_per_frame`, `count_s`, `bound_flops_per_frame` / `ratio_to_bound`) and, when timed,
         `first_frame_ms`, `ms_per_frame` {median, p10, p90, mean}, peak memory and `tflops`.
     """
+    if breakdown and compile:
+        raise ValueError("breakdown times eager runs only: module hooks would enter the compiled graphs")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if frames < 2:
@@ -356,7 +416,7 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
     if timed:
         lr = list(random_frames(frames, *result["input"]))
         result.update(_time_stream(model, size, torch_device, DTYPES[dtype], options, compile, lr, warmup,
-                                   result["flops_per_frame"]["total"]))
+                                   result["flops_per_frame"]["total"], breakdown))
     return result
 
 
@@ -412,7 +472,8 @@ def _progress(message: str) -> None:
 
 
 def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype, options: dict[str, Any] | None,
-                 compile: bool, frames: list[Tensor], warmup: int, flops_per_frame: float) -> dict[str, Any]:
+                 compile: bool, frames: list[Tensor], warmup: int, flops_per_frame: float,
+                 breakdown: bool = False) -> dict[str, Any]:
     """Warm up, then time the real network's stream frame by frame with device synchronisation.
 
     Each phase reports its time on stderr as it ends, so a run stopped by a time limit still shows where the
@@ -449,12 +510,25 @@ def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype
     steady = gaps[1:] or gaps
     quantiles = statistics.quantiles(steady, n=10) if len(steady) > 1 else steady * 9
     mean_s = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+    peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    by_group = None
+    if breakdown:
+        timer = GroupTimer(module_groups(upscaler), device)
+        whole = time.perf_counter()
+        with torch.no_grad(), timer:
+            outputs = sum(1 for _ in upscaler.stream(iter(lr)))
+        _synchronize(device)
+        total_ms = 1000 * (time.perf_counter() - whole)
+        by_group = {group: ms / outputs for group, ms in timer.totals_ms().items()}
+        by_group["other"] = total_ms / outputs - sum(by_group.values())
+        _progress("ms per output frame by group: " + ", ".join(f"{k} {v:.1f}" for k, v in by_group.items()))
     return {
         # `compile_seconds`: each compiled step's first call, compilation included (empty without compile).
         "warmup_s": warmup_s, "compile_seconds": upscaler.compile_seconds, "first_frame_ms": gaps[0],
         "ms_per_frame": {"median": statistics.median(steady), "p10": quantiles[0], "p90": quantiles[-1],
                          "mean": 1000 * mean_s},
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_device_bytes": peak_device,
         "tflops": flops_per_frame / mean_s / 1e12 if mean_s > 0 else None,
+        "ms_by_group": by_group,
     }
