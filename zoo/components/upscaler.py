@@ -435,8 +435,8 @@ class VideoUpscaler(nn.Module):
         """Compute the query, key and value of each plain diffusers attention in one matmul; returns how many.
 
         diffusers' own fusion (`Attention.fuse_projections`, `FusedAttnProcessor2_0`): self-attention gets one
-        `to_qkv` linear, cross-attention one `to_kv` on the prompt, so an SD-family transformer block runs 3
-        fewer matmuls per call (Stream-DiffVSR: 23 blocks x 4 steps per frame). Only attentions with the plain
+        `to_qkv` linear (two matmuls fewer), cross-attention one `to_kv` on the prompt (one fewer); Stream-DiffVSR
+        runs 46 attentions per step (UNet and ControlNet) and 4 steps per frame. Only attentions with the plain
         `AttnProcessor2_0` and plain `nn.Linear` projections are fused: custom processors (CogVideoX's, Wan's,
         gated LoRA) read `to_q` / `to_k` / `to_v` themselves, and a LoRA-wrapped projection must be merged
         first (`merge_lora`). The fused weights are concatenations of the originals, so outputs change only
