@@ -4,6 +4,7 @@
 re-running this script with the same arguments, so every rank registers the model too.
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -14,5 +15,8 @@ import bicubic_upscaler
 from zoo.cli import zoo_main
 
 if __name__ == "__main__":
+    # As from a terminal: a test suite started as a background job (`pytest ... &`) inherits an ignored SIGINT,
+    # and Python then installs no KeyboardInterrupt handler, while the signal tests send SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     bicubic_upscaler.register()
     zoo_main(sys.argv[1:])
