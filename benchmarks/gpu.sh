@@ -5,7 +5,7 @@
 # TFLOP/s over the whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
 # compilation, peak VRAM, TFLOP/s, FLOPs / bound).
 #
-# Eager runs also time each module group (`zoo bench --breakdown`: one more pass over the clip).
+# Eager runs also time each module group during their timed pass (`zoo bench --breakdown`).
 #
 # Budget on one H100/H200, in one call: BUDGET_S (470 s) in all. The eager runs come first (every model, with
 # OSDEnhancer also without VAE tiles, its FLOP-bound setting), the compiled ones after them, cheapest compilation
@@ -129,8 +129,8 @@ for key, r in records.items():
                 f"| {cell(r['first_frame_ms'], '.1f')} | {cell(r['warmup_s'], '.1f')} | {cell(vram, '.2f')} "
                 f"| {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
 (out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")
-rows += ["", "Where an eager frame's time goes (`--breakdown`: device ms per output frame by module group, one more "
-         "pass over the clip):", "", "| model | options | ms per output frame by group |", "|---|---|---|"]
+rows += ["", "Where an eager frame's time goes (`--breakdown`: device ms per output frame by module group, over the "
+         "timed pass):", "", "| model | options | ms per output frame by group |", "|---|---|---|"]
 for r in records.values():
     if r.get("ms_by_group"):
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items())

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the FLOP and launch count of an earlier run of the same model, size, frames and "
                         "options (its --json file) instead of counting again")
     p.add_argument("--breakdown", action="store_true",
-                   help="stream the clip once more, timing each module group (VAE, denoiser, flow, ...); eager only")
+                   help="also time each module group (VAE, denoiser, flow, ...) in the timed run; eager only")
     p.add_argument("--json", type=Path, help="also write the result to this JSON file")
     p.set_defaults(run=_bench)
     return parser
