@@ -12,9 +12,10 @@ from zoo.cli import zoo_main
 
 
 def test_flops_of_a_known_conv_net_equal_the_analytic_count(toy) -> None:
-    upscaler = toy.ToyUpscaler(toy.ToyConfig(channels=4)).eval()
+    upscaler, mode = bench.fake_upscaler("toy", "tiny")  # ToyConfig.tiny(): 4 channels
     frames = [torch.rand(3, 6, 10) for _ in range(3)]
-    flops, outputs = bench.count_flops(upscaler, frames)
+    count = bench.count_stream(upscaler, mode, frames)
+    flops, outputs = count.flops, count.frames_out
     # Per frame at 12x20 (x2 bilinear upsampling counts no FLOPs): two 3x3 convolutions, 3 -> 4 -> 3
     # channels, each 2 * C_in * C_out * 9 FLOPs per output pixel.
     per_frame = 2 * (3 * 4 * 9 + 4 * 3 * 9) * 12 * 20
@@ -22,10 +23,10 @@ def test_flops_of_a_known_conv_net_equal_the_analytic_count(toy) -> None:
 
 
 def test_flops_are_split_by_the_module_running_them(toy) -> None:
-    upscaler = toy.ToyUpscaler(toy.ToyConfig(channels=4)).eval()
+    upscaler, mode = bench.fake_upscaler("toy", "tiny")
     bench.FLOP_GROUPS["body.0"] = "first conv"
     try:
-        flops, _ = bench.count_flops(upscaler, [torch.rand(3, 6, 10)])
+        flops = bench.count_stream(upscaler, mode, [torch.rand(3, 6, 10)]).flops
     finally:
         del bench.FLOP_GROUPS["body.0"]
     assert flops["first conv"] == 2 * 3 * 4 * 9 * 12 * 20

@@ -326,14 +326,6 @@ def random_frames(count: int, height: int, width: int, seed: int = 1) -> Iterato
     return (torch.rand(3, height, width, generator=generator) for _ in range(count))
 
 
-def count_flops(upscaler: VideoUpscaler, frames: list[Tensor]) -> tuple[dict[str, int], int]:
-    """FLOPs of streaming `frames` through `upscaler` by group, with "total"; and the output frame count."""
-    counter = GroupedFlopCounter(module_groups(upscaler))
-    with torch.no_grad(), counter:
-        outputs = sum(1 for _ in upscaler.stream(iter(frames)))
-    return {**counter.by_group, "total": counter.get_total_flops()}, outputs
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
