@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.bench.pipeline import random_frames
 from zoo.components.upscaler import VideoUpscaler
 from zoo.hub import upscaler_class
 
@@ -40,11 +41,6 @@ def random_upscaler(name: str, variant: str, device: str, dtype: torch.dtype = t
     return cls(config).to(device=device, dtype=dtype).eval()
 
 
-def _random_frames(num_frames: int, size: tuple[int, int]):
-    generator = torch.Generator().manual_seed(1)
-    return (torch.rand(3, *size, generator=generator) for _ in range(num_frames))
-
-
 def stream_random_frames(name: str, num_frames: int, variant: str, size: tuple[int, int], device: str,
                          options: dict | None = None) -> None:
     """Stream `num_frames` random LR frames of `size` through `name`, dropping the outputs.
@@ -52,7 +48,7 @@ def stream_random_frames(name: str, num_frames: int, variant: str, size: tuple[i
     Frames are made one at a time, so only the pipeline's own state persists between frames.
     """
     upscaler = random_upscaler(name, variant, device).configure(**(options or {}))
-    for _ in upscaler.stream(frame.to(device) for frame in _random_frames(num_frames, size)):
+    for _ in upscaler.stream(frame.to(device) for frame in random_frames(num_frames, *size)):
         pass
 
 
@@ -102,11 +98,12 @@ import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)  # per-thread buffers would make the peak depend on the machine's cores
-from zoo.bench.upscalers import random_upscaler, _random_frames
+from zoo.bench.pipeline import random_frames
+from zoo.bench.upscalers import random_upscaler
 name, variant, frames, height, width, options = sys.argv[1:7]
 upscaler = random_upscaler(name, variant, "cpu").configure(**json.loads(options))
 Path("/proc/self/clear_refs").write_text("5")  # the peak so far (building the model) is not the stream's
-for _ in upscaler.stream(_random_frames(int(frames), (int(height), int(width)))):
+for _ in upscaler.stream(random_frames(int(frames), int(height), int(width))):
     pass
 status = Path("/proc/self/status").read_text()
 print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024)
@@ -176,7 +173,7 @@ def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: 
         torch.cuda.reset_peak_memory_stats(device)
     stamps = []
     start = time.perf_counter()
-    for frame in upscaler.stream(f.to(device) for f in _random_frames(frames, size)):
+    for frame in upscaler.stream(f.to(device) for f in random_frames(frames, *size)):
         if cuda:
             torch.cuda.synchronize(device)
         del frame
