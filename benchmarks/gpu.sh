@@ -21,7 +21,8 @@
 # Settings (environment): MODELS (default: every registered model), SIZE (full), HEIGHT (720), WIDTH (1280),
 # FRAMES (LR frames of every model; unset: 33, and 17 for osdenhancer), DTYPE (bf16), DEVICE (auto), EAGER_S,
 # COMPILED_S, BUDGET_S, COUNTS (benchmarks/counts), OUT (benchmarks/results), PYTHON (python), COMPILE_FLAGS
-# (--compile: inductor; a CPU check can pass "--option compile={'backend':'eager'}"), BENCH_FLAGS (more `zoo
+# (--compile: inductor, each network compiled on its own; "--option compile={'scope':'step'}" compiles whole steps;
+# a CPU check can pass "--option compile={'backend':'eager'}"), BENCH_FLAGS (more `zoo
 # bench` flags for every run, e.g. "--busy-ok" on a shared CPU).
 # CPU check of the script itself, tiny networks on small frames:
 #   SIZE=tiny DEVICE=cpu HEIGHT=64 WIDTH=64 FRAMES=3 BUDGET_S=900 EAGER_S=300 COMPILED_S=300 BENCH_FLAGS=--busy-ok \

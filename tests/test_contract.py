@@ -138,9 +138,12 @@ def test_unknown_options_are_refused_by_name(entry) -> None:
         zoo.load(name, pretrained=False, variant="tiny", colour="red")
 
 
-@pytest.mark.slow  # dynamo traces each tiny pipeline: 30-100 s per model on one busy core
-@pytest.mark.parametrize("name", hub.list_models())
-def test_compile_matches_eager_without_recompiling_per_frame(name: str) -> None:
+# Each model's networks one by one (the default scope), and Stream-DiffVSR's whole step, whose graph takes the
+# previous output back as an input.
+@pytest.mark.slow  # dynamo traces each tiny pipeline: 7-30 s per model and scope on one busy core
+@pytest.mark.parametrize(("name", "scope"), [*((name, "networks") for name in hub.list_models()),
+                                             ("stream_diffvsr", "step")])
+def test_compile_matches_eager_without_recompiling_per_frame(name: str, scope: str) -> None:
     torch.manual_seed(0)
     upscaler = zoo.load(name, pretrained=False, variant="tiny")
     frames = _frames(3, 16, 16)
@@ -151,7 +154,7 @@ def test_compile_matches_eager_without_recompiling_per_frame(name: str) -> None:
         graphs.append(graph)  # one call per graph dynamo compiles (each graph break or recompile adds one)
         return graph.forward
 
-    upscaler.configure(compile={"backend": backend})
+    upscaler.configure(compile={"backend": backend, "scope": scope})
     upscaler(frames[:2])
     compiled_once = len(graphs)
     compiled = upscaler(frames)  # more frames (and windows, chunks) of the same size: no new graph

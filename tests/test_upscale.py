@@ -234,6 +234,9 @@ def test_scales_and_options_a_model_does_not_take_are_named(tmp_path: Path, caps
         (["--model", "stream_diffvsr", "--chunk", "33"],
          "--chunk 33: stream_diffvsr takes no temporal chunks (it takes --color-fix, --compile, flow_resolution)"),
         (["--model", "osdiffvsr", "--seed", "3"], "--seed 3: osdiffvsr takes no seed"),
+        (["--model", "osdiffvsr", "--compile-scope", "step"], "--compile-scope needs --compile"),
+        (["--model", "osdiffvsr", "--compile", "--compile-scope", "model"],
+         "argument --compile-scope: must be one of networks, step, got 'model'"),
     ]
     for args, message in cases:
         assert zoo_exit("upscale", src, tmp_path / "out.mp4", "--random-weights", *args) == 2

@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=9, help="LR frames in the timed run")
     p.add_argument("--dtype", default="float32", choices=("float32", "bf16", "bfloat16", "fp16", "float16"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the per-frame step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks one by one (compile=True)")
     p.add_argument("--threads", type=int, help="CPU threads (1 on CPU by default)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="pipeline option")
     p.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE",

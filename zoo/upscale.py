@@ -68,6 +68,15 @@ OPTION_FLAGS = {
 }
 
 
+def _compile_scope(value: str) -> str:
+    """`--compile-scope`: one of `COMPILE_SCOPES`."""
+    from zoo.components.upscaler import COMPILE_SCOPES  # here, not at import: the CLI starts without torch
+
+    if value not in COMPILE_SCOPES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(COMPILE_SCOPES)}, got {value!r}")
+    return value
+
+
 class UpscaleError(ValueError):
     """A run that cannot start: bad inputs, outputs or options (the CLI exits with 2)."""
 
@@ -742,7 +751,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     options.add_argument("--color-fix", choices=("wavelet", "adain", "none"), help="default: the paper's")
     options.add_argument("--seed", type=int, help="noise seed")
     options.add_argument("--compile", action="store_const", const=True,
-                         help="torch.compile the per-frame or per-chunk step (the first call compiles)")
+                         help="torch.compile the networks one by one (the first frames compile)")
+    options.add_argument("--compile-scope", type=_compile_scope, dest="compile_scope",
+                         help="with --compile: networks (default) or step (each whole per-frame or per-chunk "
+                              "step in one graph)")
     out = p.add_argument_group("input and output")
     out.add_argument("--start", help="skip this much of each input: seconds or [HH:]MM:SS[.fff]")
     out.add_argument("--duration", help="upscale this much from --start: seconds or [HH:]MM:SS[.fff]")
@@ -777,6 +789,10 @@ def run(ns: argparse.Namespace) -> None:
     if len(todo) < len(jobs):
         log.info("skipping %d of %d outputs that exist", len(jobs) - len(todo), len(jobs))
     flags = {name: getattr(ns, name) for name in OPTION_FLAGS if getattr(ns, name) is not None}
+    if ns.compile_scope is not None:
+        if not ns.compile:
+            raise UpscaleError("--compile-scope needs --compile")
+        flags["compile"] = {"scope": ns.compile_scope}
     if flags.get("tile") == 0:
         flags["tile"] = None
     user, fixed = ({}, {}) if ns.model is None else resolve_options(_upscaler_class(ns.model), flags, cli=True)

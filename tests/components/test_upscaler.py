@@ -164,10 +164,11 @@ def test_moving_a_pipeline_checks_its_device_for_tf32(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize(("value", "settings"), [
     (False, None),
-    (True, {"mode": "default", "dynamic": False}),
-    ({"backend": "eager"}, {"backend": "eager", "mode": "default", "dynamic": False}),
-    ({"mode": "max-autotune-no-cudagraphs"}, {"mode": "max-autotune-no-cudagraphs", "dynamic": False}),
-    ({"options": {"max_autotune": True}}, {"options": {"max_autotune": True}, "dynamic": False}),
+    (True, {"mode": "default", "dynamic": False, "scope": "networks"}),
+    ({"backend": "eager"}, {"backend": "eager", "mode": "default", "dynamic": False, "scope": "networks"}),
+    ({"mode": "max-autotune-no-cudagraphs", "scope": "step"},
+     {"mode": "max-autotune-no-cudagraphs", "dynamic": False, "scope": "step"}),
+    ({"options": {"max_autotune": True}}, {"options": {"max_autotune": True}, "dynamic": False, "scope": "networks"}),
 ])
 def test_compile_option_values(value, settings) -> None:
     assert compile_settings(value) == settings
@@ -177,6 +178,81 @@ def test_compile_option_values(value, settings) -> None:
 def test_bad_compile_option_values_are_refused(value) -> None:
     with pytest.raises(ValueError, match="compile must be True, False or a dict"):
         compile_settings(value)
+
+
+def test_an_unknown_compile_scope_is_refused() -> None:
+    with pytest.raises(ValueError, match="compile's scope must be one of networks, step, got 'model'"):
+        compile_settings({"scope": "model"})
+
+
+class TwoNetworks(VideoUpscaler):
+    """A toy step: `second(first(x)) + first(x)`, whose `first` runs twice per step with one shape."""
+
+    hub_name = "two_networks"
+    config_class = NoConfig
+    options: ClassVar[dict] = {"compile": False}
+    scale = 1
+
+    def __init__(self) -> None:
+        super().__init__(NoConfig())
+        self.first = torch.nn.Linear(4, 4)
+        self.second = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+
+    def compile_modules(self) -> list[torch.nn.Module]:
+        return [self.first, self.second]
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x)) + self.first(x)
+
+
+def _graph_counter(graphs: list) -> object:
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(sorted(str(n.target) for n in graph.graph.nodes if n.op == "call_function"))
+        return graph.forward
+    return backend
+
+
+def test_networks_scope_compiles_each_network_once_and_restores_it() -> None:
+    torch.manual_seed(0)
+    up = TwoNetworks()
+    x = torch.randn(3, 4)
+    expected = up.step(x)
+    graphs: list = []
+    up.configure(compile={"backend": _graph_counter(graphs)})
+    step = up.compiled("step", up.step)
+    assert step.fn == up.step  # the step itself runs eagerly; its networks are compiled
+    assert all("forward" in vars(m) for m in (up.first, up.second))
+    torch.testing.assert_close(step(x), expected, rtol=0, atol=0)
+    # One graph per network: `first`, called twice per step, is traced once; the step's add stays eager.
+    assert graphs == [["<built-in function linear>"], ["<built-in function gelu>", "<built-in function linear>"]]
+    compiling_s = up.compile_seconds["step"]
+    step(x)  # nothing new to compile: the call is not counted
+    assert len(graphs) == 2 and up.compile_seconds == {"step": compiling_s} and compiling_s > 0
+    step(torch.randn(5, 4))  # a new shape compiles both networks again, and the call counts
+    assert len(graphs) == 4 and up.compile_seconds["step"] > compiling_s
+    assert up.state_dict().keys() == TwoNetworks().state_dict().keys()  # no wrapper in the weight names
+    up.configure(compile=False)
+    assert not any("forward" in vars(m) for m in (up.first, up.second)) and up.compiled("step", up.step) == up.step
+
+
+def test_step_scope_compiles_the_whole_step_in_one_graph() -> None:
+    up = TwoNetworks()
+    x = torch.randn(3, 4)
+    graphs: list = []
+    up.configure(compile={"backend": _graph_counter(graphs), "scope": "step"})
+    step = up.compiled("step", up.step)
+    torch.testing.assert_close(step(x), up.step(x), rtol=0, atol=0)
+    # Both calls of `first` unrolled into the step's one graph, with the add between the networks.
+    assert graphs == [["<built-in function add>", "<built-in function gelu>", *["<built-in function linear>"] * 3]]
+    assert not any("forward" in vars(m) for m in (up.first, up.second))
+
+
+def test_networks_scope_needs_networks() -> None:
+    up = Tiled()
+    up.options = {**Tiled.options, "compile": False}
+    up.configure(compile=True)
+    with pytest.raises(ValueError, match="tiled names no networks to compile one by one; use compile="):
+        up.compiled("step", lambda x: x)
 
 
 def test_check_weight_names_counts_both_sides() -> None:

@@ -513,7 +513,7 @@ def _time_stream(model: str, size: str, device: torch.device, dtype: torch.dtype
         by_group["other"] = 1000 * (stamps[-1] - start) / len(stamps) - sum(by_group.values())
         _progress("ms per output frame by group: " + ", ".join(f"{k} {v:.1f}" for k, v in by_group.items()))
     return {
-        # `compile_seconds`: each compiled step's first call, compilation included (empty without compile).
+        # `compile_seconds`: each compiled step's calls that compiled a graph, run included (empty without compile).
         "warmup_s": warmup_s, "compile_seconds": upscaler.compile_seconds, "first_frame_ms": gaps[0],
         "ms_per_frame": {"median": statistics.median(steady), "p10": quantiles[0], "p90": quantiles[-1],
                          "mean": 1000 * mean_s},

@@ -130,6 +130,14 @@ class FlowEstimator(nn.Module):
         self.raft.eval()
         return self
 
+    def compile_modules(self) -> list[nn.Module]:
+        """The RAFT modules `final_flow` calls, for compiling one by one: the update block is called
+        `num_flow_updates` times with the same shapes and compiles once (the correlation lookup, a method of
+        the correlation block, runs eagerly between its calls)."""
+        raft = self.raft
+        modules = [raft.feature_encoder, raft.context_encoder, raft.update_block]
+        return modules if raft.mask_predictor is None else [*modules, raft.mask_predictor]
+
     @torch.no_grad()
     def forward(self, src: Tensor, dst: Tensor) -> Tensor:
         """Flow `(N, 2, H, W)` from `src` to `dst`, both `(N, 3, H, W)` in `[0, 1]` (`[-1, 1]` if `signed_inputs`)."""

@@ -19,8 +19,9 @@ Speed (shared by every pipeline):
 - `merge_lora()` folds peft LoRA adapters into their base weights and `fuse_projections()` computes each
   diffusers attention's query, key and value in one matmul (`zoo.load` does both); such a model refuses
   `save_pretrained`, whose folders keep adapters and projections separate.
-- The `compile` option wraps a pipeline's fixed-shape per-frame or per-chunk step in `torch.compile`
-  (`compiled`); `compile_seconds` reports each step's first call, compilation included.
+- The `compile` option compiles a pipeline's networks one by one (`compile_modules`), or its whole fixed-shape
+  per-frame or per-chunk step (`COMPILE_SCOPES`, `compiled`); `compile_seconds` reports the calls of each step
+  that compiled, their run included.
 - Moving a pipeline to a CUDA device turns TF32 on for float32 matmuls and convolutions (`use_tf32`):
   the float32 islands of a bfloat16 model (RAFT, warps, VAEs kept in float32) then run on tensor cores;
   its 2-D convolutional networks go channels-last there (`channels_last_modules`).
@@ -64,8 +65,20 @@ extrapolated, and allocators fragment (CUDA's caching allocator, cuDNN workspace
 # shape at the first call, a compile time growing with the networks' distinct shapes and not yet measured
 # against its gain here; pass `compile={"mode": "max-autotune-no-cudagraphs"}` to choose it.
 # `dynamic=False`: each frame size gets its own graph, which the fixed-shape steps want.
-COMPILE_DEFAULTS: dict[str, Any] = {"mode": "default", "dynamic": False}
-COMPILE_KEYS = ("backend", "mode", "dynamic", "fullgraph", "options")
+# `scope` (this zoo's key, not `torch.compile`'s) says what one graph covers; see `COMPILE_SCOPES`.
+COMPILE_DEFAULTS: dict[str, Any] = {"mode": "default", "dynamic": False, "scope": "networks"}
+COMPILE_KEYS = ("backend", "mode", "dynamic", "fullgraph", "options", "scope")
+COMPILE_SCOPES = ("networks", "step")
+"""What the `compile` option compiles:
+
+- `"networks"` (default): each network of `compile_modules()` on its own, with the step's glue (sampler
+  arithmetic, warps, padding, colour conversion) run eagerly between them. A network called several times
+  per step with the same shapes (the UNet at each sampler step, RAFT's update block at each refinement) is
+  traced and compiled once.
+- `"step"`: the whole per-frame or per-chunk step as one graph: fusion across network boundaries, but every
+  call unrolled into it (Stream-DiffVSR's frame: 4 UNet and 4 ControlNet calls, 12 RAFT updates), so its
+  compilation grows with the calls, not with the distinct networks.
+"""
 
 
 def use_tf32(device: torch.device) -> None:
@@ -80,11 +93,12 @@ def use_tf32(device: torch.device) -> None:
 
 
 def compile_settings(value: Any) -> dict[str, Any] | None:
-    """`torch.compile` keyword arguments of a `compile` option value; None when it is off.
+    """The settings of a `compile` option value: `torch.compile` keyword arguments and `scope`; None when off.
 
     Args:
         value: False (eager), True (`COMPILE_DEFAULTS`), or a dict of `torch.compile` arguments
-            (`backend`, `mode`, `dynamic`, `fullgraph`, `options`) that override `COMPILE_DEFAULTS`.
+            (`backend`, `mode`, `dynamic`, `fullgraph`, `options`) and `scope` (`COMPILE_SCOPES`) that
+            override `COMPILE_DEFAULTS`.
     """
     if value is False:
         return None
@@ -94,34 +108,46 @@ def compile_settings(value: Any) -> dict[str, Any] | None:
         settings = {**COMPILE_DEFAULTS, **value}
         if "options" in value:  # torch.compile takes either a mode or inductor options
             settings.pop("mode")
+        if settings["scope"] not in COMPILE_SCOPES:
+            raise ValueError(f"compile's scope must be one of {', '.join(COMPILE_SCOPES)}, got {settings['scope']!r}")
         return settings
-    raise ValueError(f"compile must be True, False or a dict of torch.compile arguments "
+    raise ValueError(f"compile must be True, False or a dict of torch.compile arguments and scope "
                      f"({', '.join(COMPILE_KEYS)}), got {value!r}")
 
 
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters  # torch._dynamo loads with torch.compile; not at import
+
+    return counters["stats"]["unique_graphs"]
+
+
 class CompiledStep:
-    """`torch.compile(fn)` that also times its first call (tracing and code generation included).
+    """A step that times its compiling calls: `torch.compile(fn)`, or `fn` itself whose networks are compiled.
 
     Args:
-        fn: the step to compile.
-        settings: `torch.compile` keyword arguments.
+        fn: the step.
+        settings: `torch.compile` keyword arguments, or None to call `fn` as it is (the `"networks"` scope,
+            where the compilation happens inside the step's calls).
 
     Attributes:
-        first_call_s: seconds of the first call, device work included (synchronised on CUDA); None before it.
+        compile_s: seconds of the calls during which dynamo compiled a graph, their run included (synchronised
+            on CUDA): the first call, and later ones that meet a new case (Stream-DiffVSR's second frame, the
+            first with a previous one; a last, shorter chunk).
     """
 
-    def __init__(self, fn: Callable[..., Any], settings: dict[str, Any]) -> None:
-        self.fn = torch.compile(fn, **settings)
-        self.first_call_s: float | None = None
+    def __init__(self, fn: Callable[..., Any], settings: dict[str, Any] | None) -> None:
+        self.fn = fn if settings is None else torch.compile(fn, **settings)
+        self.compile_s = 0.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.first_call_s is not None:
-            return self.fn(*args, **kwargs)
+        graphs = _graphs_compiled()
         start = time.perf_counter()
         out = self.fn(*args, **kwargs)
-        if any(isinstance(a, Tensor) and a.is_cuda for a in (*args, *kwargs.values())):
-            torch.cuda.synchronize()
-        self.first_call_s = time.perf_counter() - start
+        if _graphs_compiled() != graphs:
+            if any(isinstance(a, Tensor) and a.is_cuda for a in (*args, *kwargs.values())):
+                torch.cuda.synchronize()
+            self.compile_s += time.perf_counter() - start
         return out
 
 
@@ -256,8 +282,9 @@ class VideoUpscaler(nn.Module):
       that fit the free memory; `zoo upscale` applies and logs them where the user set none.
 
     A pipeline that lists the option `compile` (`compile_settings`) runs its per-frame or per-chunk step
-    through `compiled(name, fn)`; setting it also switches `channels_last_modules()` (a 2-D convolutional
-    VAE) to the channels-last memory format, which cuDNN's and inductor's convolutions prefer.
+    through `compiled(name, fn)` and lists its networks in `compile_modules()`; setting it also switches
+    `channels_last_modules()` (a 2-D convolutional VAE) to the channels-last memory format, which cuDNN's
+    and inductor's convolutions prefer.
 
     Args:
         config: the network config dataclass (`config_class.tiny()` / `.full()` or loaded).
@@ -280,6 +307,7 @@ class VideoUpscaler(nn.Module):
         self.lora_merged = False
         self.projections_fused = False
         self._compiled: dict[str, CompiledStep] = {}
+        self._compiled_networks: list[tuple[nn.Module, Any]] = []  # (network, its instance `forward` before)
 
     def configure(self, **options: Any) -> VideoUpscaler:
         """Set runtime options (see `options`); returns self."""
@@ -290,6 +318,7 @@ class VideoUpscaler(nn.Module):
         if "compile" in options:
             compile_settings(options["compile"])  # checks the value
             self._compiled = {}  # steps compiled with the previous settings
+            self._uncompile_networks()
         for name, value in options.items():
             setattr(self, name, value)
         if "compile" in options:
@@ -384,8 +413,43 @@ class VideoUpscaler(nn.Module):
         for module in self.channels_last_modules():
             module.to(memory_format=memory_format)
 
+    def compile_modules(self) -> list[nn.Module]:
+        """The networks the `compile` option's `"networks"` scope compiles one by one (`COMPILE_SCOPES`).
+
+        Each must do its work in `forward`, called as `module(...)` by the step: a network reached through
+        another method (a VAE's `encode`) is listed by the submodules that method calls.
+        """
+        return []
+
+    def _compile_networks(self, settings: dict[str, Any]) -> None:
+        """`torch.compile` each of `compile_modules()`'s `forward` on its instance.
+
+        The instance attribute shadows the class's `forward` for `module(...)` calls, keeping the module's
+        place, hooks and weight names (`nn.Module.compile` would instead share one dynamo cache, that of
+        `Module._call_impl`, between all the networks, and the networks of this size would exceed its
+        recompile limit). `_uncompile_networks` restores the previous `forward`.
+        """
+        modules = self.compile_modules()
+        if not modules:
+            raise ValueError(f"{self.hub_name} names no networks to compile one by one; "
+                             "use compile={'scope': 'step'}")
+        for module in modules:
+            self._compiled_networks.append((module, vars(module).get("forward")))
+            module.forward = torch.compile(module.forward, **settings)
+
+    def _uncompile_networks(self) -> None:
+        for module, previous in reversed(self._compiled_networks):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._compiled_networks = []
+
     def compiled(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn`, or with the `compile` option its `CompiledStep` (built once per name and setting).
+
+        With the `"networks"` scope, the first step built also compiles `compile_modules()`, and every step
+        runs as it is around them.
 
         Args:
             name: the step's name in `compile_seconds`.
@@ -395,13 +459,16 @@ class VideoUpscaler(nn.Module):
         if settings is None:
             return fn
         if name not in self._compiled:
-            self._compiled[name] = CompiledStep(fn, settings)
+            scope = settings.pop("scope")
+            if scope == "networks" and not self._compiled_networks:
+                self._compile_networks(settings)
+            self._compiled[name] = CompiledStep(fn, None if scope == "networks" else settings)
         return self._compiled[name]
 
     @property
     def compile_seconds(self) -> dict[str, float]:
-        """Seconds of the first call of each compiled step (compilation included), by step name."""
-        return {name: step.first_call_s for name, step in self._compiled.items() if step.first_call_s is not None}
+        """Seconds of each compiled step's calls that compiled a graph (their run included), by step name."""
+        return {name: step.compile_s for name, step in self._compiled.items() if step.compile_s}
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> VideoUpscaler:
         super()._apply(fn, recurse)

@@ -101,8 +101,9 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         chunk_overlap: output frames shared by neighbouring chunks, in [0, chunk).
         overlap: `"blend"` cross-fades overlapping frames, `"drop"` keeps the earlier chunk's (official).
         seed: seed of the posterior noise when no generator is given.
-        compile: run each chunk's networks (`OSDEnhancerNet.upscale_clip`, fixed-shape per chunk length)
-            through `torch.compile` (see `VideoUpscaler.compiled`). Its VAE stays in the default memory
+        compile: compile the transformer and the VAE encoder and decoder one by one (`compile_modules`), or
+            with `scope="step"` each chunk's networks (`OSDEnhancerNet.upscale_clip`, fixed-shape per chunk
+            length) in one graph (see `VideoUpscaler.compiled`). Its VAE stays in the default memory
             format: its convolutions are 3-D and causal in time, with frames concatenated per call.
         vae_tiling: run the VAE on its own overlapping spatial tiles, as the official pipeline does. On by
             default, so the official weights give the official output at every frame size (the tiles are
@@ -128,6 +129,10 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         self.net = OSDEnhancerNet(config) if net is None else net
         # As the official pipeline: per-sample slices bound the VAE's memory (its tiles are the `vae_tiling` option).
         self.net.vae.enable_slicing()
+
+    def compile_modules(self) -> list[torch.nn.Module]:
+        net = self.net
+        return [net.transformer, net.vae.encoder, net.vae.decoder]
 
     @classmethod
     def from_net(cls, net: OSDEnhancerNet) -> OSDEnhancerUpscaler:

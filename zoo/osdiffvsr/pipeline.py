@@ -99,9 +99,10 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     Options (`configure`): `tile`, the side in LR pixels of the square tiles on which the UNet step
     runs, blended where they overlap (None: whole frames), `tile_overlap`, their overlap in LR
-    pixels, `color_fix` (`"adain"`, `"wavelet"` or `"none"`), and `compile`, which runs each window
-    (`upscale_window`, one frame's fixed-shape step) through `torch.compile` with the VAE and UNet
-    in channels-last, as on CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`).
+    pixels, `color_fix` (`"adain"`, `"wavelet"` or `"none"`), and `compile`, which compiles the VAE encoder and
+    decoder, UNet, fusion and RAFT's modules one by one (`compile_modules`), or with `scope="step"` each
+    window (`upscale_window`, one frame's fixed-shape step), with the VAE and UNet in channels-last, as on
+    CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`).
 
     Args:
         config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -131,6 +132,10 @@ class OSDiffVSRUpscaler(VideoUpscaler):
 
     def channels_last_modules(self) -> list[torch.nn.Module]:
         return [self.net.vae, self.net.unet]
+
+    def compile_modules(self) -> list[torch.nn.Module]:
+        net = self.net
+        return [net.vae.encoder, net.vae.decoder, net.unet, net.fusion, *net.flow.compile_modules()]
 
     @property
     def latent_per_lr(self) -> float:

@@ -85,8 +85,9 @@ class PSSRUpscaler(VideoUpscaler):
     - `chunk_overlap`: frames shared by neighbouring chunks.
     - `tile`: side of square LR tiles (a multiple of 4), or None for whole frames.
     - `tile_overlap`: overlap of neighbouring tiles in LR pixels (a multiple of 4).
-    - `compile`: run the sampler of each chunk (or tile), a fixed-shape step, through `torch.compile`
-      (see `VideoUpscaler.compiled`). The Wan VAE keeps the default memory format: its convolutions are
+    - `compile`: compile the DiT blocks and the VAE encoder and decoder one by one (`compile_modules`), or
+      with `scope="step"` the sampler of each chunk (or tile), a fixed-shape step (see
+      `VideoUpscaler.compiled`). The Wan VAE keeps the default memory format: its convolutions are
       3-D and causal in time, with cached frames concatenated per call.
 
     Args:
@@ -118,6 +119,14 @@ class PSSRUpscaler(VideoUpscaler):
     def dtype(self) -> torch.dtype:
         """The DiTs' compute dtype (the VAE and the DiTs' float32 islands stay float32 under a half dtype)."""
         return self.net.dit_dtype
+
+    def compile_modules(self) -> list[torch.nn.Module]:
+        # The DiTs block by block: the base step hooks the blocks the draft reads (`PSSRNet.base_velocity`),
+        # which a compiled whole base would see as a new hook, and so a new graph, at every chunk. The blocks
+        # of both DiTs share one class and shapes, so one graph; the rest of each DiT (patch and time
+        # embeddings, head) and the draft's fusions run eagerly.
+        net = self.net
+        return [*net.base.blocks, *net.draft.transformer.blocks, net.vae.encoder, net.vae.decoder]
 
     def check_options(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:

@@ -138,10 +138,11 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
     upsampled x4 bicubically, as the official pipeline does and the checkpoints were trained with;
     `"lr"` on the LR frames themselves with the flow resized x4 (16x fewer flow pixels, faster, a
     coarser flow). It is an option, not a config field, because it changes how frames are processed,
-    not the weights: every checkpoint runs with either. `compile` runs each frame's fixed-shape step
-    (`frame_step`: flow, warp, DDIM, decoding) through `torch.compile` with the autoencoder, UNet
-    and ControlNet in channels-last, as on CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`); the
-    first frame, without a previous one, is a graph of its own.
+    not the weights: every checkpoint runs with either. `compile` compiles the UNet, ControlNet, decoder and
+    RAFT's modules one by one (`compile_modules`), or with `scope="step"` each frame's whole fixed-shape
+    step (`frame_step`: flow, warp, DDIM, decoding), with the autoencoder, UNet and ControlNet in
+    channels-last, as on CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`); the first frame,
+    without a previous one, has graphs of its own.
 
     Args:
         config: the network config (`StreamDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -191,6 +192,12 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
 
     def channels_last_modules(self) -> list[torch.nn.Module]:
         return [self.net.vae, self.net.unet, self.net.controlnet]
+
+    def compile_modules(self) -> list[torch.nn.Module]:
+        # The TPM encoder runs block by block (`TinyEncoder.block_features`, no `forward`) and stays eager.
+        net = self.net
+        return [net.unet, net.controlnet, net.controlnet.controlnet_cond_embedding, net.vae.decoder,
+                *self.flow.compile_modules()]
 
     def frame_step(self, lr: Tensor, noise: Tensor, prev_lr: Tensor | None, prev_hr: Tensor | None) -> Tensor:
         """One frame's networks: the raw HR output `(1, 3, 4h, 4w)` of `lr` (padded, in `[-1, 1]`).
