@@ -21,7 +21,7 @@ from zoo.components.upscaler import (
     compile_settings,
     config_from_dict,
     config_to_dict,
-    use_tf32,
+    use_fast_cuda,
 )
 
 
@@ -142,22 +142,24 @@ def test_default_options_pick_the_largest_tile_that_fits() -> None:
     assert VideoUpscaler.default_options(up, 10, 10, 1) == {"tile": None}  # no tile smaller than the frame
 
 
-def test_tf32_is_set_for_cuda_devices_only() -> None:
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+def test_tf32_and_cudnn_autotuning_are_set_for_cuda_devices_only() -> None:
+    backends = torch.backends
+    saved = backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision, backends.cudnn.benchmark
     try:  # process-wide flags (not monkeypatch-able: torch resolves them through __getattr__)
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
-        use_tf32(torch.device("cpu"))
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-        use_tf32(torch.device("cuda", 0))
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        backends.cuda.matmul.fp32_precision = backends.cudnn.conv.fp32_precision = "ieee"
+        backends.cudnn.benchmark = False
+        use_fast_cuda(torch.device("cpu"))
+        assert backends.cuda.matmul.fp32_precision == "ieee" and not backends.cudnn.benchmark
+        use_fast_cuda(torch.device("cuda", 0))
+        assert backends.cuda.matmul.fp32_precision == "tf32"
+        assert backends.cudnn.conv.fp32_precision == "tf32" and backends.cudnn.benchmark
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision, backends.cudnn.benchmark = saved
 
 
-def test_moving_a_pipeline_checks_its_device_for_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_moving_a_pipeline_checks_its_device_for_cuda_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    monkeypatch.setattr(upscaler_module, "use_tf32", seen.append)
+    monkeypatch.setattr(upscaler_module, "use_fast_cuda", seen.append)
     zoo.load("stream_diffvsr", pretrained=False, variant="tiny").to("cpu")
     assert seen and all(device == torch.device("cpu") for device in seen)
 

@@ -22,7 +22,8 @@ Speed (shared by every pipeline):
 - The `compile` option compiles a pipeline's networks one by one (`compile_modules`), or its whole fixed-shape
   per-frame or per-chunk step (`COMPILE_SCOPES`, `compiled`); `compile_seconds` reports the calls of each step
   that compiled, their run included.
-- Moving a pipeline to a CUDA device turns TF32 on for float32 matmuls and convolutions (`use_tf32`):
+- Moving a pipeline to a CUDA device turns TF32 on for float32 matmuls and convolutions, and cuDNN's
+  autotuner (`use_fast_cuda`):
   the float32 islands of a bfloat16 model (RAFT, warps, VAEs kept in float32) then run on tensor cores;
   its 2-D convolutional networks go channels-last there (`channels_last_modules`).
 """
@@ -81,15 +82,20 @@ COMPILE_SCOPES = ("networks", "step")
 """
 
 
-def use_tf32(device: torch.device) -> None:
-    """Let float32 matmuls and convolutions on a CUDA `device` use TF32 tensor cores; other devices: nothing.
+def use_fast_cuda(device: torch.device) -> None:
+    """On a CUDA `device`: TF32 tensor cores for float32 matmuls and convolutions, and cuDNN's autotuner;
+    other devices: nothing.
 
-    Set when a pipeline moves to CUDA (`VideoUpscaler._apply`), not at import: a process that only imports
-    the zoo keeps PyTorch's defaults.
+    The autotuner (`cudnn.benchmark`) times cuDNN's algorithms for each convolution shape at its first
+    call and keeps the fastest, instead of a heuristic pick; the pipelines run one frame size per clip
+    (a few more with edge tiles), so the timing is paid once per shape in the first frames. Set when a
+    pipeline moves to CUDA (`VideoUpscaler._apply`), not at import: a process that only imports the zoo
+    keeps PyTorch's defaults.
     """
     if device.type == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.benchmark = True
 
 
 def compile_settings(value: Any) -> dict[str, Any] | None:
@@ -474,7 +480,7 @@ class VideoUpscaler(nn.Module):
         super()._apply(fn, recurse)
         device = next((p.device for p in self.parameters()), None)
         if device is not None:
-            use_tf32(device)
+            use_fast_cuda(device)
             self._set_memory_format(device)
         return self
 
