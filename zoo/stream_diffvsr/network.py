@@ -27,6 +27,8 @@ from diffusers import ConfigMixin, ControlNetModel, DDIMScheduler, ModelMixin, U
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
+from zoo.components.memo import StepMemo
+
 # TPM constants of the official decoder block: 4x4 average pooling before the 1-D temporal
 # convolution, and a fixed 0.1 weight on the fused temporal residual.
 TPM_POOL = 4
@@ -522,30 +524,38 @@ class StreamDiffVSRNet(nn.Module):
         finally:
             controlnet.controlnet_cond_embedding = embedding
 
-    def sample(self, noise: Tensor, lr: Tensor, warped_prev: Tensor | None) -> Tensor:
+    def sample(self, noise: Tensor, lr: Tensor, warped_prev: Tensor | None, memo: StepMemo | None = None) -> Tensor:
         """Run the DDIM sampler from `noise` (z_T) and return the clean latents, float32.
 
         A float32 island under a half dtype: the latents z_t and the DDIM update (the scheduler's float32
         `alphas_cumprod`; in bfloat16 the last step's alpha_bar_0 = 0.9999 would round to 1.0) stay float32,
         and only the networks' inputs are cast to their dtype. The ControlNet's condition is embedded once per frame
         (`embedded_condition`), not at each step.
+
+        Args:
+            noise, lr, warped_prev: see `upscale_frame`.
+            memo: an installed `StepMemo` of the UNet and ControlNet (`memoise_denoiser`), told each step's
+                timestep; None computes everything.
         """
         dtype = self.unet.dtype
         latents = noise.float()
         with self.embedded_condition(warped_prev, dtype) as condition:
             for t in self.timesteps:
-                output = self.denoise(latents.to(dtype), lr, t, condition)
+                with contextlib.nullcontext() if memo is None else memo.step(t):
+                    output = self.denoise(latents.to(dtype), lr, t, condition)
                 latents, _ = self.step(output.float(), t, latents)
         return latents
 
-    def upscale_frame(self, lr: Tensor, noise: Tensor, warped_prev: Tensor | None) -> Tensor:
+    def upscale_frame(self, lr: Tensor, noise: Tensor, warped_prev: Tensor | None,
+                      memo: StepMemo | None = None) -> Tensor:
         """One frame: LR `(B, 3, h, w)` in `[-1, 1]` -> HR `(B, 3, 4h, 4w)` in `[-1, 1]` (unclamped).
 
         Args:
             lr: the LR frame, sizes multiples of the networks' size multiple.
             noise: initial latents `(B, 4, h, w)`.
             warped_prev: the previous HR output warped to this frame, or None for the first frame.
+            memo: see `sample`.
         """
-        latents = self.sample(noise, lr, warped_prev).to(self.vae.dtype)
+        latents = self.sample(noise, lr, warped_prev, memo).to(self.vae.dtype)
         features = None if warped_prev is None else self.vae.temporal_features(warped_prev.to(latents.dtype))
         return self.vae.decode(latents, features)

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from zoo.components.flow import FlowEstimator, FlowFn, published_raft_weights, resize_flow
+from zoo.components.memo import StepMemo, memoise_denoiser
 from zoo.components.prompts import encode_prompt
 from zoo.components.tiling import pad_to_multiple
 from zoo.components.upscaler import (
@@ -104,6 +105,7 @@ class StreamSession:
         prev_lr: the previous LR frame as the networks saw it, `(1, 3, h, w)` in `[-1, 1]` (padded).
         prev_hr: the previous raw decoder output `(1, 3, 4h, 4w)`, unclamped (it guides the next frame).
         generator: the source of the initial noise.
+        memo: the UNet's and ControlNet's per-step constants of this stream (`StepMemo`), used by eager runs.
     """
 
     def __init__(self, upscaler: StreamDiffVSRUpscaler) -> None:
@@ -111,6 +113,9 @@ class StreamSession:
         self.prev_lr: Tensor | None = None
         self.prev_hr: Tensor | None = None
         self.generator = torch.Generator(upscaler.device).manual_seed(upscaler.config.seed)
+        self.memo = StepMemo()
+        memoise_denoiser(self.memo, upscaler.net.unet)
+        memoise_denoiser(self.memo, upscaler.net.controlnet)
 
     @torch.no_grad()
     def push(self, lr_frame: Tensor) -> Tensor:
@@ -124,7 +129,12 @@ class StreamSession:
                              f"frames of another size")
         noise = torch.randn((1, up.net.vae.config.latent_channels, *lr.shape[-2:]), generator=self.generator,
                             device=up.device, dtype=torch.float32)  # the sampler keeps z_t in float32
-        hr = up.compiled("frame", up.frame_step)(lr, noise, self.prev_lr, self.prev_hr)
+        step = up.compiled("frame", up.frame_step)
+        if step == up.frame_step:  # eager: the sampler's per-step constants come from this stream's memo
+            with self.memo.installed():
+                hr = step(lr, noise, self.prev_lr, self.prev_hr, self.memo)
+        else:
+            hr = step(lr, noise, self.prev_lr, self.prev_hr)
         # The next frame is guided by the raw decoder output, as in the official pipeline.
         self.prev_lr, self.prev_hr = lr, hr
         out = (hr.float() / 2 + 0.5).clamp(0, 1)
@@ -142,7 +152,8 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
     RAFT's modules one by one (`compile_modules`), or with `scope="step"` each frame's whole fixed-shape
     step (`frame_step`: flow, warp, DDIM, decoding), with the autoencoder, UNet and ControlNet in
     channels-last, as on CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`); the first frame,
-    without a previous one, has graphs of its own.
+    without a previous one, has graphs of its own. Eager runs take the UNet's and ControlNet's per-step
+    constants (time embeddings, the prompt's keys and values) from a memo per stream (`StepMemo`).
 
     Args:
         config: the network config (`StreamDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -199,7 +210,8 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         return [net.unet, net.controlnet, net.controlnet.controlnet_cond_embedding, net.vae.decoder,
                 *self.flow.compile_modules()]
 
-    def frame_step(self, lr: Tensor, noise: Tensor, prev_lr: Tensor | None, prev_hr: Tensor | None) -> Tensor:
+    def frame_step(self, lr: Tensor, noise: Tensor, prev_lr: Tensor | None, prev_hr: Tensor | None,
+                   memo: StepMemo | None = None) -> Tensor:
         """One frame's networks: the raw HR output `(1, 3, 4h, 4w)` of `lr` (padded, in `[-1, 1]`).
 
         Args:
@@ -207,9 +219,10 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
             noise: z_T `(1, 4, h, w)`, float32.
             prev_lr: the previous LR frame, or None for the first frame.
             prev_hr: the previous raw HR output, or None for the first frame (then no ARTG and TPM).
+            memo: the stream's installed `StepMemo` (eager runs), or None.
         """
         warped_prev = None if prev_hr is None else self.warp_previous(prev_hr, lr, prev_lr)
-        return self.net.upscale_frame(lr.to(self.dtype), noise, warped_prev)
+        return self.net.upscale_frame(lr.to(self.dtype), noise, warped_prev, memo)
 
     def session(self) -> StreamSession:
         """A new causal stream."""
