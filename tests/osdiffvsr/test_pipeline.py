@@ -87,6 +87,28 @@ def test_each_frame_is_generated_with_its_own_prompt_embedding(upscaler: OSDiffV
         list(upscaler.stream(frames.unbind(0), iter(per_frame[:1].unbind(0))))
 
 
+def test_a_clip_prompt_is_memoised_and_per_frame_prompts_are_not(upscaler: OSDiffVSRUpscaler,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import zoo.osdiffvsr.pipeline as pipeline
+
+    frames = torch.rand(3, 3, 8, 8)
+    _, length, width = upscaler.net.prompt_embeds.shape
+    per_frame = (1.0 + torch.arange(3.0)).view(3, 1, 1).expand(3, length, width)
+    memos = []
+    registered = pipeline.memoise_denoiser
+    monkeypatch.setattr(pipeline, "memoise_denoiser", lambda memo, unet: (memos.append(memo), registered(memo, unet)))
+    memoised = upscaler(frames)
+    assert len(memos) == 1 and memos[0].hits > 0
+    # Frame t with its own condition c_t equals frame t of a clip conditioned on c_t throughout: the memo of a
+    # clip prompt is never applied to per-frame prompts.
+    mixed = upscaler(frames, prompt_embeds=per_frame)
+    assert len(memos) == 1
+    for t in range(3):
+        assert torch.equal(mixed[t], upscaler(frames, prompt_embeds=per_frame[t : t + 1])[t])
+    monkeypatch.setattr(pipeline, "memoise_denoiser", lambda memo, unet: 0)  # registers nothing: all computed
+    assert torch.equal(memoised, upscaler(frames))
+
+
 def test_odd_sizes_are_padded_and_cropped(upscaler: OSDiffVSRUpscaler) -> None:
     frames = torch.rand(2, 3, 45, 30)
     out = upscaler(frames)

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from zoo.components.memo import StepMemo, memoise_denoiser
 from zoo.components.tiling import TilePlan, pad_to_multiple
 from zoo.components.upscaler import (
     MemoryModel,
@@ -210,6 +211,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             prompt_embeds: None (the stored embedding), one `(1, L, D)` tensor for every frame, or an
                 iterable of `(L, D)` tensors read in step with `frames`, one per frame.
         """
+        memo = None
         if prompt_embeds is None or isinstance(prompt_embeds, Tensor):
             if prompt_embeds is not None:
                 self.check_prompt_embeds(prompt_embeds)
@@ -217,10 +219,16 @@ class OSDiffVSRUpscaler(VideoUpscaler):
                     raise ValueError(f"a prompt_embeds tensor given to stream() must be (1, L, D), got "
                                      f"{tuple(prompt_embeds.shape)}; pass an iterable for one per frame")
             conditions = itertools.repeat(prompt_embeds)
+            # One timestep and one prompt for the whole clip: an eager run computes the UNet's time embeddings
+            # and the prompt's cross-attention keys and values once (`StepMemo`).
+            memo = StepMemo()
+            memoise_denoiser(memo, self.net.unet)
         else:
             conditions = (self.check_prompt_embeds(c[None], "each per-frame prompt embedding")
                           for c in prompt_embeds)
         window = self.compiled("window", self.upscale_window)
+        if window == self.upscale_window and memo is not None:
+            window = _memoised(window, memo, self.net.config.timestep)
         prev = current = c_current = None
         for index, incoming in enumerate(frames):
             check_frame(incoming, values=index == 0)  # values once per clip: reading them is a host sync
@@ -272,3 +280,11 @@ class OSDiffVSRUpscaler(VideoUpscaler):
                            f"{folder} does not match its config")
         model.net.load_state_dict(state, strict=False)
         return model
+
+
+def _memoised(window: Any, memo: StepMemo, timestep: int) -> Any:
+    """`window` run with `memo` installed, at the one-step sampler's `timestep`."""
+    def run(*args: Any, **kwargs: Any) -> Tensor:
+        with memo.installed(), memo.step(timestep):
+            return window(*args, **kwargs)
+    return run
