@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 import zoo.stream_diffvsr.pipeline as pipeline_module
 from zoo.components.flow import warp
+from zoo.components.memo import StepMemo
 from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler
 
 TOLERANCE = 1e-5
@@ -61,13 +62,13 @@ def run_zoo(fixture, case: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -
                                        "tpm_feat3": [], "hr_raw": [], "hr": [], "lr_shape": []}
     upscale_frame, temporal_features = net.upscale_frame, net.vae.temporal_features
 
-    def given_noise(lr: Tensor, drawn: Tensor, warped_prev: Tensor | None) -> Tensor:
+    def given_noise(lr: Tensor, drawn: Tensor, warped_prev: Tensor | None, memo: StepMemo | None = None) -> Tensor:
         t = len(record["lr_shape"])
         record["lr_shape"].append(tuple(lr.shape))
         assert drawn.shape == (1, *noise.shape[1:])  # the session draws the official shape: no padding
         if warped_prev is not None:
             record["warped_prev"].append(warped_prev)
-        return upscale_frame(lr, noise[t][None], warped_prev)
+        return upscale_frame(lr, noise[t][None], warped_prev, memo)  # the stream's memo: its values are checked
 
     def features(warped_prev: Tensor) -> list[Tensor]:
         out = temporal_features(warped_prev)

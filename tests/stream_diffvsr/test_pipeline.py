@@ -312,9 +312,9 @@ def spy_frames(up: StreamDiffVSRUpscaler, monkeypatch) -> list[tuple[torch.Tenso
     seen = []
     upscale_frame = up.net.upscale_frame
 
-    def spy(lr, noise, warped_prev):
+    def spy(lr, noise, warped_prev, memo=None):
         seen.append((lr, noise, warped_prev))
-        return upscale_frame(lr, noise, warped_prev)
+        return upscale_frame(lr, noise, warped_prev, memo)
 
     monkeypatch.setattr(up.net, "upscale_frame", spy)
     return seen
