@@ -47,3 +47,31 @@ def test_osdenhancer_runs_the_official_vae_tiles_unless_asked_not_to() -> None:
     untiled = count_stream(up.configure(vae_tiling=False), mode, frames)
     assert untiled.flops["total"] / untiled.frames_out <= 1.0001 * bound  # the bare networks' FLOPs
     assert tiled.flops["total"] / tiled.frames_out > 1.2 * bound  # the official tiles: overlapping work
+
+
+def test_stream_diffvsr_computes_step_only_values_once_per_clip_and_step(monkeypatch) -> None:
+    from diffusers.models.embeddings import TimestepEmbedding
+
+    computed = []
+    forward = TimestepEmbedding.forward
+
+    def counted(self, *args):
+        computed.append(self)
+        return forward(self, *args)
+
+    monkeypatch.setattr(TimestepEmbedding, "forward", counted)
+    torch.manual_seed(0)
+    up = StreamDiffVSRUpscaler.from_variant("tiny").eval()
+    steps = len(up.net.timesteps)
+    up(torch.rand(4, 3, 8, 12))
+    # 4 frames x 4 steps of the UNet and 3 x 4 of the ControlNet; each time MLP runs once per step of the clip
+    assert sum(m is up.net.unet.time_embedding for m in computed) == steps
+    assert sum(m is up.net.controlnet.time_embedding for m in computed) == steps
+
+
+def test_a_bound_counts_each_frame_kind_of_a_clip() -> None:
+    from zoo.bench.bounds import _clip_mean
+
+    # frames cost 10 (first), 20 (second), then 30: (10 + 20 + 30 + 30 + 30) // 5
+    assert _clip_mean([10, 20, 30], 5) == 24
+    assert _clip_mean([10, 20, 30], 1) == 10 and _clip_mean([7, 3], 2) == 5

@@ -1,5 +1,7 @@
 """Lower bounds of each pipeline's FLOPs per output frame of a clip: its networks, each run as often as the
 method needs, at the exact frame size (no padding, no repeated work), counted with `torch.utils.flop_counter`.
+A distilled sampler's step-only values (time embeddings, the stored prompt's keys and values) count once per
+clip and step, as `StepMemo` computes them.
 
 `zoo bench` divides a pipeline's FLOPs per output frame of the same clip by this; a ratio near 1 means no
 wasted compute. A bound runs the pipeline's own submodules on inputs of the right shape on the pipeline's
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoo.components.memo import StepMemo, memoise_denoiser
 from zoo.components.tiling import valid_length
 from zoo.components.upscaler import VideoUpscaler
 
@@ -25,48 +28,66 @@ def _count(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def _clip_mean(counts: list[int], frames: int) -> int:
+    """Mean FLOPs per frame of a clip whose frames cost `counts[0]`, `counts[1]`, ... and the last of `counts`
+    from there on."""
+    return sum(counts[min(i, len(counts) - 1)] for i in range(frames)) // frames
+
+
 def _osdiffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
     """Every frame alike: three VAE encodes of x4 frames (the frame and its two warped neighbours, Eq. 9), one
     UNet step (Eq. 2), one decode, and RAFT on the two neighbour pairs at LR size (the clip's ends use a
-    mirrored neighbour, the same work)."""
+    mirrored neighbour, the same work); the UNet's step-only values at the first frame only."""
     net = up.net
     device, dtype = up.device, up.dtype
     hr = torch.zeros(1, 3, height * up.scale, width * up.scale, device=device, dtype=dtype)
     lr = torch.zeros(2, 3, height, width, device=device, dtype=dtype)
+    memo = StepMemo()
+    memoise_denoiser(memo, net.unet)
 
     def run() -> None:
         z = net.vae.encode(hr.expand(3, -1, -1, -1)).latent_dist.mode()
-        net.vae.decode(net.denoise(z[:1]))
+        with memo.installed(), memo.step(net.config.timestep):
+            z_hat = net.denoise(z[:1])
+        net.vae.decode(z_hat)
         net.flow(lr, lr)
 
-    return _count(run)
+    return _clip_mean([_count(run), _count(run)], frames)
 
 
 def _stream_diffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
     """The clip's mean: the first frame runs the denoising steps of the UNet alone and the decoder; every
     later frame the steps of UNet + ControlNet at LR size (the ControlNet's conditioning embedding of the
     warped previous output once: it does not change between steps), the temporal encoder on that output,
-    the decoder, and RAFT once at the flow resolution."""
+    the decoder, and RAFT once at the flow resolution. Each network's step-only values count at its first
+    frame (the UNet's at the first, the ControlNet's at the second)."""
     net = up.net
     device, dtype = up.device, up.dtype
     channels = net.vae.config.latent_channels
     latents = torch.zeros(1, channels, height, width, device=device, dtype=dtype)
     lr = torch.zeros(1, 3, height, width, device=device, dtype=dtype)
     hr = torch.zeros(1, 3, height * up.scale, width * up.scale, device=device, dtype=dtype)
+    memo = StepMemo()
+    memoise_denoiser(memo, net.unet)
+    memoise_denoiser(memo, net.controlnet)
+
+    def denoise(condition: torch.Tensor | None) -> None:
+        with memo.installed():
+            for t in net.timesteps:
+                with memo.step(t):
+                    net.denoise(latents, lr, t, condition)
 
     def first() -> None:
-        for t in net.timesteps:
-            net.denoise(latents, lr, t, None)
+        denoise(None)
         net.vae.decode(latents, None)
 
     def steady() -> None:
         with net.embedded_condition(hr, dtype) as condition:
-            for t in net.timesteps:
-                net.denoise(latents, lr, t, condition)
+            denoise(condition)
         net.vae.decode(latents, net.vae.temporal_features(hr))
         up.flow(hr, hr) if up.flow_resolution == "hr" else up.flow(lr, lr)
 
-    return (_count(first) + (frames - 1) * _count(steady)) // frames
+    return _clip_mean([_count(first), _count(steady), _count(steady)], frames)
 
 
 def _osdenhancer(up: VideoUpscaler, height: int, width: int, frames: int) -> int | None:
