@@ -187,8 +187,16 @@ def test_an_unknown_compile_scope_is_refused() -> None:
         compile_settings({"scope": "model"})
 
 
+class Doubler(torch.nn.Module):
+    """A module whose work is a method other than `forward`."""
+
+    def twice(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
 class TwoNetworks(VideoUpscaler):
-    """A toy step: `second(first(x)) + first(x)`, whose `first` runs twice per step with one shape."""
+    """A toy step: `doubler.twice(second(first(x))) + first(x)`, whose `first` runs twice per step with one
+    shape."""
 
     hub_name = "two_networks"
     config_class = NoConfig
@@ -199,12 +207,13 @@ class TwoNetworks(VideoUpscaler):
         super().__init__(NoConfig())
         self.first = torch.nn.Linear(4, 4)
         self.second = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+        self.doubler = Doubler()
 
-    def compile_modules(self) -> list[torch.nn.Module]:
-        return [self.first, self.second]
+    def compile_modules(self) -> list[torch.nn.Module | tuple[torch.nn.Module, str]]:
+        return [self.first, self.second, (self.doubler, "twice")]
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x)) + self.first(x)
+        return self.doubler.twice(self.second(self.first(x))) + self.first(x)
 
 
 def _graph_counter(graphs: list) -> object:
@@ -223,18 +232,21 @@ def test_networks_scope_compiles_each_network_once_and_restores_it() -> None:
     up.configure(compile={"backend": _graph_counter(graphs)})
     step = up.compiled("step", up.step)
     assert step.fn == up.step  # the step itself runs eagerly; its networks are compiled
-    assert all("forward" in vars(m) for m in (up.first, up.second))
+    assert all("forward" in vars(m) for m in (up.first, up.second)) and "twice" in vars(up.doubler)
     torch.testing.assert_close(step(x), expected, rtol=0, atol=0)
-    # One graph per network: `first`, called twice per step, is traced once; the step's add stays eager.
-    assert graphs == [["<built-in function linear>"], ["<built-in function gelu>", "<built-in function linear>"]]
+    # One graph per network or method: `first`, called twice per step, is traced once; the step's add stays
+    # eager.
+    assert graphs == [["<built-in function linear>"], ["<built-in function gelu>", "<built-in function linear>"],
+                      ["<built-in function mul>"]]
     compiling_s = up.compile_seconds["step"]
     step(x)  # nothing new to compile: the call is not counted
-    assert len(graphs) == 2 and up.compile_seconds == {"step": compiling_s} and compiling_s > 0
-    step(torch.randn(5, 4))  # a new shape compiles both networks again, and the call counts
-    assert len(graphs) == 4 and up.compile_seconds["step"] > compiling_s
+    assert len(graphs) == 3 and up.compile_seconds == {"step": compiling_s} and compiling_s > 0
+    step(torch.randn(5, 4))  # a new shape compiles every network again, and the call counts
+    assert len(graphs) == 6 and up.compile_seconds["step"] > compiling_s
     assert up.state_dict().keys() == TwoNetworks().state_dict().keys()  # no wrapper in the weight names
     up.configure(compile=False)
-    assert not any("forward" in vars(m) for m in (up.first, up.second)) and up.compiled("step", up.step) == up.step
+    assert not any("forward" in vars(m) for m in (up.first, up.second)) and "twice" not in vars(up.doubler)
+    assert up.compiled("step", up.step) == up.step
 
 
 def test_step_scope_compiles_the_whole_step_in_one_graph() -> None:
@@ -245,7 +257,8 @@ def test_step_scope_compiles_the_whole_step_in_one_graph() -> None:
     step = up.compiled("step", up.step)
     torch.testing.assert_close(step(x), up.step(x), rtol=0, atol=0)
     # Both calls of `first` unrolled into the step's one graph, with the add between the networks.
-    assert graphs == [["<built-in function add>", "<built-in function gelu>", *["<built-in function linear>"] * 3]]
+    assert graphs == [["<built-in function add>", "<built-in function gelu>", *["<built-in function linear>"] * 3,
+                       "<built-in function mul>"]]
     assert not any("forward" in vars(m) for m in (up.first, up.second))
 
 

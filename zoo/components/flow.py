@@ -130,12 +130,13 @@ class FlowEstimator(nn.Module):
         self.raft.eval()
         return self
 
-    def compile_modules(self) -> list[nn.Module]:
-        """The RAFT modules `final_flow` calls, for compiling one by one: the update block is called
-        `num_flow_updates` times with the same shapes and compiles once (the correlation lookup, a method of
-        the correlation block, runs eagerly between its calls)."""
+    def compile_modules(self) -> list[nn.Module | tuple[nn.Module, str]]:
+        """The RAFT modules `final_flow` calls, and the correlation lookup (a method of the correlation block),
+        for compiling one by one: the lookup and the update block are called `num_flow_updates` times with the
+        same shapes and compile once each."""
         raft = self.raft
-        modules = [raft.feature_encoder, raft.context_encoder, raft.update_block]
+        modules = [raft.feature_encoder, raft.context_encoder, (raft.corr_block, "index_pyramid"),
+                   raft.update_block]
         return modules if raft.mask_predictor is None else [*modules, raft.mask_predictor]
 
     @torch.no_grad()

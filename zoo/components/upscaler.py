@@ -313,7 +313,8 @@ class VideoUpscaler(nn.Module):
         self.lora_merged = False
         self.projections_fused = False
         self._compiled: dict[str, CompiledStep] = {}
-        self._compiled_networks: list[tuple[nn.Module, Any]] = []  # (network, its instance `forward` before)
+        # (network, compiled method, its instance attribute before or None)
+        self._compiled_networks: list[tuple[nn.Module, str, Any]] = []
 
     def configure(self, **options: Any) -> VideoUpscaler:
         """Set runtime options (see `options`); returns self."""
@@ -419,36 +420,37 @@ class VideoUpscaler(nn.Module):
         for module in self.channels_last_modules():
             module.to(memory_format=memory_format)
 
-    def compile_modules(self) -> list[nn.Module]:
+    def compile_modules(self) -> list[nn.Module | tuple[nn.Module, str]]:
         """The networks the `compile` option's `"networks"` scope compiles one by one (`COMPILE_SCOPES`).
 
-        Each must do its work in `forward`, called as `module(...)` by the step: a network reached through
-        another method (a VAE's `encode`) is listed by the submodules that method calls.
+        A module is compiled in its `forward`, which the step must call as `module(...)` (a network reached
+        through another method, such as a VAE's `encode`, is listed by the submodules that method calls); a
+        `(module, name)` pair compiles that method, which the step must call as `module.name(...)`.
         """
         return []
 
     def _compile_networks(self, settings: dict[str, Any]) -> None:
-        """`torch.compile` each of `compile_modules()`'s `forward` on its instance.
+        """`torch.compile` each of `compile_modules()`'s methods on its instance.
 
-        The instance attribute shadows the class's `forward` for `module(...)` calls, keeping the module's
-        place, hooks and weight names (`nn.Module.compile` would instead share one dynamo cache, that of
-        `Module._call_impl`, between all the networks, and the networks of this size would exceed its
-        recompile limit). `_uncompile_networks` restores the previous `forward`.
+        The instance attribute shadows the class's method for calls through the instance, keeping the
+        module's place, hooks and weight names (`nn.Module.compile` would instead share one dynamo cache, that
+        of `Module._call_impl`, between all the networks, and the networks of this size would exceed its
+        recompile limit). `_uncompile_networks` restores the previous attribute.
         """
-        modules = self.compile_modules()
-        if not modules:
+        targets = [item if isinstance(item, tuple) else (item, "forward") for item in self.compile_modules()]
+        if not targets:
             raise ValueError(f"{self.hub_name} names no networks to compile one by one; "
                              "use compile={'scope': 'step'}")
-        for module in modules:
-            self._compiled_networks.append((module, vars(module).get("forward")))
-            module.forward = torch.compile(module.forward, **settings)
+        for module, name in targets:
+            self._compiled_networks.append((module, name, vars(module).get(name)))
+            setattr(module, name, torch.compile(getattr(module, name), **settings))
 
     def _uncompile_networks(self) -> None:
-        for module, previous in reversed(self._compiled_networks):
+        for module, name, previous in reversed(self._compiled_networks):
             if previous is None:
-                del module.forward
+                delattr(module, name)
             else:
-                module.forward = previous
+                setattr(module, name, previous)
         self._compiled_networks = []
 
     def compiled(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -134,7 +134,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     def channels_last_modules(self) -> list[torch.nn.Module]:
         return [self.net.vae, self.net.unet]
 
-    def compile_modules(self) -> list[torch.nn.Module]:
+    def compile_modules(self) -> list[torch.nn.Module | tuple[torch.nn.Module, str]]:
         net = self.net
         return [net.vae.encoder, net.vae.decoder, net.unet, net.fusion, *net.flow.compile_modules()]
 

@@ -204,7 +204,7 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
     def channels_last_modules(self) -> list[torch.nn.Module]:
         return [self.net.vae, self.net.unet, self.net.controlnet]
 
-    def compile_modules(self) -> list[torch.nn.Module]:
+    def compile_modules(self) -> list[torch.nn.Module | tuple[torch.nn.Module, str]]:
         # The TPM encoder runs block by block (`TinyEncoder.block_features`, no `forward`) and stays eager.
         net = self.net
         return [net.unet, net.controlnet, net.controlnet.controlnet_cond_embedding, net.vae.decoder,
