@@ -1,4 +1,5 @@
-"""zoo.bench.upscalers through `zoo bench`: runs, reports, rejects bad arguments (numbers are not checked)."""
+"""zoo.bench.upscalers through `zoo bench`: runs, reports, rejects bad arguments; timings are not checked, kernel
+counts are (against the dispatch count)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,35 @@ def test_bad_arguments_are_one_sentence():
         run_benchmark("upscalers.speed", colour="red")
     with pytest.raises(ValueError, match="frames must be at least 2"):
         run_benchmark("upscalers.speed", frames=1)
+
+
+class _Event:
+    """A profiler event: a name and the events it called."""
+
+    def __init__(self, name: str, *children: _Event) -> None:
+        self.name, self.cpu_children = name, list(children)
+
+
+def test_profiled_kernels_count_kernels_not_views_or_composites() -> None:
+    from zoo.bench.upscalers import profiled_kernels
+
+    events = [
+        _Event("graph_0_cpp_fused_add_silu_0"),  # an inductor kernel
+        _Event("aten::linear", _Event("aten::t"), _Event("aten::addmm")),  # composite: its addmm, not its view
+        _Event("aten::dropout"),  # composite with nothing under it (inference): no kernel
+        _Event("aten::view"), _Event("aten::empty"),  # a view and an allocation
+        _Event("## forward ##", _Event("aten::convolution", _Event("aten::mkldnn_convolution"))),  # one call
+        _Event("graph_0_cpp_fused_mul_1"),
+    ]
+    assert profiled_kernels(events) == {"inductor kernel": 2, "aten::addmm": 1, "aten::convolution": 1}
+
+
+def test_an_eager_kernel_count_agrees_with_the_dispatch_count() -> None:
+    from zoo.bench.pipeline import count_stream, fake_upscaler, random_frames
+
+    result = run_benchmark("upscalers.kernels", name="stream_diffvsr", frames=3, size=(16, 16))
+    up, mode = fake_upscaler("stream_diffvsr", "tiny")
+    count = count_stream(up, mode, list(random_frames(3, 16, 16)))
+    # Measured 1708.0 and 1689.7: the profiled run also draws its random frames and reads the first frame's
+    # values on the host, which the fake count leaves out.
+    assert result["kernels_per_frame"] == pytest.approx(count.launches / count.frames_out, rel=0.02)

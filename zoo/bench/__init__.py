@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "upscalers.stream_memory": "zoo.bench.upscalers:bench_stream_memory",
     "upscalers.speed": "zoo.bench.upscalers:bench_speed",
     "upscalers.memory_model": "zoo.bench.upscalers:bench_memory_model",
+    "upscalers.kernels": "zoo.bench.upscalers:bench_kernels",
     "upscale.memory": "zoo.bench.upscale:bench_upscale_memory",
 }
 

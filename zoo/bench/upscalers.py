@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,6 +97,7 @@ def bench_stream_memory(*, name: str = "stream_diffvsr", frames: tuple[int, int]
 _MODEL_CHILD = """
 import json, sys
 from pathlib import Path
+from typing import Any
 import torch
 torch.set_num_threads(1)  # per-thread buffers would make the peak depend on the machine's cores
 from zoo.bench.pipeline import random_frames
@@ -184,3 +186,105 @@ def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: 
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def _tensor_overloads(name: str) -> list[Any]:
+    """The overloads of the aten op `name` ("aten::view") that return tensors and write no `out`."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None:
+        return []
+    overloads = [getattr(packet, overload) for overload in packet.overloads() if not overload.endswith("out")]
+    return [op for op in overloads if op._schema.returns and "Tensor" in str(op._schema.returns[0].type)]
+
+
+def _launches_nothing(name: str) -> bool:
+    """Whether the profiled aten op `name` launches no kernel in any of its overloads (views, allocations)."""
+    from zoo.bench.pipeline import launches_no_kernel
+
+    overloads = _tensor_overloads(name)
+    return bool(overloads) and all(launches_no_kernel(op) for op in overloads)
+
+
+def _composite(name: str) -> bool:
+    """Whether the aten op `name` decomposes into other ops in every overload (`aten::linear`, `aten::dropout`)."""
+    found = []
+    for op in _tensor_overloads(name):
+        qualified = op._schema.name + ("" if op._overloadname == "default" else f".{op._overloadname}")
+        try:
+            found.append(torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CompositeImplicitAutograd"))
+        except RuntimeError:  # an overload outside the dispatcher's registry (TorchScript's `prim` ones)
+            continue
+    return bool(found) and all(found)
+
+
+def profiled_kernels(events: list) -> dict[str, int]:
+    """Kernel calls among profiler `events` (top-level events of `torch.profiler`), by name.
+
+    A call is an inductor kernel (its generated code records one event per kernel with
+    `torch._inductor.config.cpp.enable_kernel_profile`), or an outermost aten op that launches a kernel: a
+    composite op (`aten::linear`) counts the ops it decomposes into, and views and allocations count
+    nothing, as for `DispatchCounter`, which sees operators after decomposition.
+    """
+    counts: dict[str, int] = {}
+    composite = {}
+
+    def visit(event: Any) -> None:
+        name = event.name
+        if "cpp_fused" in name or "triton_" in name:
+            counts["inductor kernel"] = counts.get("inductor kernel", 0) + 1
+            return
+        if name.startswith("aten::"):
+            if name not in composite:
+                composite[name] = _composite(name)
+            if not composite[name]:
+                if not _launches_nothing(name):
+                    counts[name] = counts.get(name, 0) + 1
+                return
+        for child in event.cpu_children:
+            visit(child)
+
+    for event in events:
+        visit(event)
+    return counts
+
+
+def bench_kernels(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: int = 4,
+                  size: tuple[int, int] = (16, 16), compile: str = "eager", threads: int = 1) -> dict:
+    """Kernel calls per output frame of `stream()` on the CPU, eager or compiled (inductor's fused kernels count).
+
+    The clip is streamed twice: the first pass compiles every case (a stream's first frame, later frames, a
+    last chunk), the second runs under `torch.profiler`, whose events are counted by `profiled_kernels`. On
+    the CPU inductor keeps matmuls and convolutions as library calls and fuses the rest, as it does on a GPU,
+    so the count approximates a GPU's kernel launches per frame; an eager count equals `DispatchCounter`'s.
+
+    Args:
+        name: hub name.
+        variant: network size ("tiny" or "full"), random weights.
+        frames: LR frames per pass.
+        size: LR frame size (H, W).
+        compile: "eager", or a compile scope ("networks", "step"; `COMPILE_SCOPES`).
+        threads: CPU threads.
+
+    Returns:
+        {"name", "variant", "compile", "size", "frames", "frames_out", "warmup_s", "kernels_per_frame",
+        "by_name" (per frame, largest first)}.
+    """
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    upscaler = random_upscaler(name, variant, "cpu")
+    if compile != "eager":
+        upscaler.configure(compile={"scope": compile})
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}), torch.no_grad():
+        start = time.perf_counter()
+        for _ in upscaler.stream(random_frames(frames, *size)):
+            pass
+        warmup_s = time.perf_counter() - start
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            frames_out = sum(1 for _ in upscaler.stream(random_frames(frames, *size)))
+    counts = profiled_kernels([event for event in prof.events() if event.cpu_parent is None])
+    return {"name": name, "variant": variant, "compile": compile, "size": list(size), "frames": frames,
+            "frames_out": frames_out, "warmup_s": warmup_s,
+            "kernels_per_frame": sum(counts.values()) / frames_out,
+            "by_name": {k: v / frames_out for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
