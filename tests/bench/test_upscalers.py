@@ -28,6 +28,10 @@ def test_bad_arguments_are_one_sentence():
         run_benchmark("upscalers.speed", colour="red")
     with pytest.raises(ValueError, match="frames must be at least 2"):
         run_benchmark("upscalers.speed", frames=1)
+    with pytest.raises(ValueError, match="frames must be at least 1, got 0"):
+        run_benchmark("upscalers.kernels", frames=0)
+    with pytest.raises(ValueError, match="compile must be eager, networks, step; got 'bogus'"):
+        run_benchmark("upscalers.kernels", compile="bogus")
 
 
 class _Event:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from zoo.bench.pipeline import random_frames
-from zoo.components.upscaler import VideoUpscaler
+from zoo.components.upscaler import COMPILE_SCOPES, VideoUpscaler
 from zoo.hub import upscaler_class
 
 _CHILD = """
@@ -272,6 +272,10 @@ def bench_kernels(*, name: str = "stream_diffvsr", variant: str = "tiny", frames
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
 
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
+    if compile not in ("eager", *COMPILE_SCOPES):
+        raise ValueError(f"compile must be eager, {', '.join(COMPILE_SCOPES)}; got {compile!r}")
     torch.set_num_threads(threads)
     upscaler = random_upscaler(name, variant, "cpu")
     if compile != "eager":
