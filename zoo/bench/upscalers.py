@@ -97,7 +97,6 @@ def bench_stream_memory(*, name: str = "stream_diffvsr", frames: tuple[int, int]
 _MODEL_CHILD = """
 import json, sys
 from pathlib import Path
-from typing import Any
 import torch
 torch.set_num_threads(1)  # per-thread buffers would make the peak depend on the machine's cores
 from zoo.bench.pipeline import random_frames
@@ -276,8 +275,10 @@ def bench_kernels(*, name: str = "stream_diffvsr", variant: str = "tiny", frames
         raise ValueError(f"frames must be at least 1, got {frames}")
     if compile not in ("eager", *COMPILE_SCOPES):
         raise ValueError(f"compile must be eager, {', '.join(COMPILE_SCOPES)}; got {compile!r}")
+    from zoo.bench.pipeline import random_upscaler as inference_upscaler
+
     torch.set_num_threads(threads)
-    upscaler = random_upscaler(name, variant, "cpu")
+    upscaler = inference_upscaler(name, variant)  # `zoo.load`'s model: LoRA merged, attention projections fused
     if compile != "eager":
         upscaler.configure(compile={"scope": compile})
     with inductor_config.patch({"cpp.enable_kernel_profile": True}), torch.no_grad():
