@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small
 from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
+from torchvision.models.optical_flow.raft import ConvGRU
 
 FlowFn = Callable[[Tensor, Tensor], Tensor]
 """`flow_fn(src (N, 3, H, W), dst (N, 3, H, W)) -> (N, 2, H, W)`, the flow from `src` to `dst`."""
@@ -113,6 +114,8 @@ class FlowEstimator(nn.Module):
         # Images are downsampled 8x, then the correlation volume 2x per extra pyramid level, and
         # its coarsest level needs at least 2 entries per side.
         self.min_size = 8 * 2 * 2 ** (self.raft.corr_block.num_levels - 1)
+        self._constants: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
+        self._gates: dict[int, tuple[tuple, Tensor, Tensor]] = {}
 
     def _apply(self, fn: Any, recurse: bool = True) -> FlowEstimator:
         # A float32 island: casting a model to a half dtype leaves RAFT in float32. Its correlation volumes
@@ -131,12 +134,11 @@ class FlowEstimator(nn.Module):
         return self
 
     def compile_modules(self) -> list[nn.Module | tuple[nn.Module, str]]:
-        """The RAFT modules `final_flow` calls, and the correlation lookup (a method of the correlation block),
-        for compiling one by one: the lookup and the update block are called `num_flow_updates` times with the
-        same shapes and compile once each."""
+        """The RAFT modules `final_flow` calls, the correlation lookup (`correlation_features`) and the update
+        (`update`), for compiling one by one: the lookup and the update are called `num_flow_updates` times with
+        the same shapes and compile once each."""
         raft = self.raft
-        modules = [raft.feature_encoder, raft.context_encoder, (raft.corr_block, "index_pyramid"),
-                   raft.update_block]
+        modules = [raft.feature_encoder, raft.context_encoder, (self, "correlation_features"), (self, "update")]
         return modules if raft.mask_predictor is None else [*modules, raft.mask_predictor]
 
     @torch.no_grad()
@@ -161,35 +163,140 @@ class FlowEstimator(nn.Module):
         return flow[..., pad[2] : pad[2] + height, pad[0] : pad[0] + width].float()
 
     def final_flow(self, image1: Tensor, image2: Tensor) -> Tensor:
-        """torchvision RAFT's last prediction, `self.raft(image1, image2, num_flow_updates)[-1]`, exactly.
+        """torchvision RAFT's last prediction, `self.raft(image1, image2, num_flow_updates)[-1]`, with fewer launches.
 
-        Written here over torchvision's own RAFT modules, because `RAFT.forward` upsamples the flow after
-        every update (the mask predictor's two convolutions at 1/8 size and a convex combination at full
-        size) and returns them all, while inference keeps the last: the other `num_flow_updates - 1`
-        upsamplings are waste (11 of 12 by default; RAFT-large on a 720p pair, counted: 1559.6 -> 1419.5 GFLOP
-        and 1331 -> 1205 operator launches). It also builds its coordinate grids on the host and copies them
-        over at each call; here they are made on the device. Every other operation is torchvision's, in its
-        order, so the result is the same to the bit.
+        Written here over torchvision's own RAFT modules and weights, because `RAFT.forward` upsamples the flow
+        after every update (the mask predictor's two convolutions at 1/8 size and a convex combination at full
+        size) and returns them all, while inference keeps the last: the other `num_flow_updates - 1` upsamplings
+        are waste (11 of 12 by default; RAFT-large on a 720p pair, counted: 1559.6 -> 1419.5 GFLOP). Its
+        coordinate grids and the lookup's constants are made once per size and device (`_lookup_constants`); the
+        correlation lookup is `correlation_features` and the recurrent update `update`. RAFT-large's operator
+        launches per refinement: 89 through torchvision's modules, 40 here; per 720p flow of 12 refinements,
+        counted: 1331 in `RAFT.forward`, 600 here. The lookup gives torchvision's values to the bit; the update
+        reorders the GRU's arithmetic, so the flow is torchvision's within float rounding (measured: 5e-6 px
+        for RAFT-large, 3e-5 px for RAFT-small after 12 refinements; tests hold it to 1e-4 px).
 
         Args:
             image1, image2: `(N, 3, H, W)` in RAFT's `[-1, 1]`, `H` and `W` multiples of 8.
         """
         raft = self.raft
-        batch, _, height, width = image1.shape
         fmap1, fmap2 = raft.feature_encoder(torch.cat([image1, image2])).chunk(2)
         raft.corr_block.build_pyramid(fmap1, fmap2)
+        pyramid = raft.corr_block.corr_pyramid
+        coords0, lookup = self._lookup_constants(fmap1, pyramid)
+        gates = self._merged_gates()
         context = raft.context_encoder(image1)
         hidden_size = raft.update_block.hidden_state_size
         hidden, context = context.split([hidden_size, context.shape[1] - hidden_size], dim=1)
         hidden, context = torch.tanh(hidden), F.relu(context)
-        coords0 = make_coords_grid(batch, height // 8, width // 8, device=fmap1.device)
         coords1 = coords0
         for _ in range(self.num_flow_updates):
-            corr = raft.corr_block.index_pyramid(centroids_coords=coords1)
-            hidden, delta = raft.update_block(hidden, context, corr, coords1 - coords0)
+            corr = self.correlation_features(pyramid, coords1, *lookup)
+            hidden, delta = self.update(hidden, context, corr, coords1 - coords0, gates)
             coords1 = coords1 + delta
         mask = None if raft.mask_predictor is None else raft.mask_predictor(hidden)
         return upsample_flow(coords1 - coords0, up_mask=mask)
+
+    def update(self, hidden: Tensor, context: Tensor, corr: Tensor, flow: Tensor,
+               gates: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """torchvision's `raft.update_block(hidden, context, corr, flow)`: the new hidden state and the flow's delta.
+
+        The same modules and weights; written here for its launches (RAFT-large: 29 per call, torchvision's
+        42; RAFT-small: 20 and 27). The motion features and the flow go into one `cat` with the context
+        (torchvision: two), and each ConvGRU of RAFT's update operator runs as
+
+            z, r = sigmoid(conv_zr([h, x])); q = tanh(conv_q([r * h, x])); h = (1 - z) h + z q
+
+        with z's and r's convolutions as one (`_merged_gates`), `r * h` written over `h` in the concatenated
+        input (no second `cat`), and the convex combination as one `lerp` (torchvision: 4 operations).
+
+        Args:
+            hidden, context: the recurrent state and the context features, `(N, C_h, h, w)` and `(N, C_c, h, w)`.
+            corr: `correlation_features` at the current coordinates.
+            flow: the current flow at 1/8 size `(N, 2, h, w)`.
+            gates: `_merged_gates()`.
+        """
+        block = self.raft.update_block
+        encoder = block.motion_encoder
+        corr = encoder.convcorr2(encoder.convcorr1(corr))
+        motion = encoder.conv(torch.cat([corr, encoder.convflow2(encoder.convflow1(flow))], dim=1))
+        inputs = torch.cat([context, motion, flow], dim=1)
+        for gru, (weight, bias) in zip(self._grus(), gates, strict=True):
+            hx = torch.cat([hidden, inputs], dim=1)
+            z, r = torch.sigmoid(gru.convz._conv_forward(hx, weight, bias)).chunk(2, dim=1)
+            hx[:, : hidden.shape[1]].mul_(r)  # hx is now [r * h, x]
+            hidden = torch.lerp(hidden, torch.tanh(gru.convq(hx)), z)
+        return hidden, block.flow_head(hidden)
+
+    def _grus(self) -> list[ConvGRU]:
+        recurrent = self.raft.update_block.recurrent_block
+        return [gru for gru in (recurrent.convgru1, recurrent.convgru2) if isinstance(gru, ConvGRU)]
+
+    def _merged_gates(self) -> list[tuple[Tensor, Tensor]]:
+        """Each ConvGRU's update and reset gate convolutions as one: `cat` of their weights and biases.
+
+        Made once, and again when either convolution's weights change: a write in place bumps their version, a
+        move or cast changes their device or dtype, and loading a checkpoint does one of these.
+        """
+        merged = []
+        for gru in self._grus():
+            z, r = gru.convz, gru.convr
+            key = (id(z.weight), z.weight._version, z.bias._version, id(r.weight), r.weight._version, r.bias._version,
+                   z.weight.device, z.weight.dtype)
+            if self._gates.get(id(gru), (None,))[0] != key:
+                self._gates[id(gru)] = (key, torch.cat([z.weight, r.weight]), torch.cat([z.bias, r.bias]))
+            merged.append(self._gates[id(gru)][1:])
+        return merged
+
+    def _lookup_constants(self, fmap: Tensor, pyramid: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Per feature size and device, made once: RAFT's pixel grid `coords0` `(N, 2, h, w)` (torchvision's
+        `make_coords_grid`), and `correlation_features`' constants: the window's offsets `(L, 1, r, r, 2)`, the
+        level scales `2^-l` `(L, 1, 1, 1, 2)`, the level spans `(w_l - 1, h_l - 1)` `(L, 1, 1, 1, 2)` and -1."""
+        batch, _, height, width = fmap.shape
+        key = (batch, height, width, fmap.device)
+        if key not in self._constants:
+            radius = self.raft.corr_block.radius
+            side = torch.linspace(-radius, radius, 2 * radius + 1, device=fmap.device)
+            # torchvision's window: `stack(meshgrid(di, dj, indexing="ij"), -1)`, the same for every level.
+            window = torch.stack(torch.meshgrid(side, side, indexing="ij"), dim=-1)
+            levels = len(pyramid)
+            scales = torch.tensor([0.5**level for level in range(levels)], device=fmap.device)
+            spans = torch.tensor([(v.shape[-1] - 1, v.shape[-2] - 1) for v in pyramid], device=fmap.device,
+                                 dtype=torch.float32)
+            lookup = (window.expand(levels, 1, *window.shape).contiguous(),
+                      scales.view(levels, 1, 1, 1, 1).expand(levels, 1, 1, 1, 2).contiguous(),
+                      spans.view(levels, 1, 1, 1, 2), torch.full((1,), -1.0, device=fmap.device))
+            self._constants[key] = (make_coords_grid(batch, height, width, device=fmap.device), lookup)
+        return self._constants[key]
+
+    @staticmethod
+    def correlation_features(pyramid: list[Tensor], coords: Tensor, offsets: Tensor, scales: Tensor,
+                             spans: Tensor, minus_one: Tensor) -> Tensor:
+        """torchvision's `CorrBlock.index_pyramid(coords)`, the same values, in 9 operator launches instead of 45.
+
+        Written here because torchvision builds the window's deltas on the host at every call (two `linspace`,
+        a `stack`, a copy) and normalises each level's sampling points one coordinate at a time (a split, 3
+        operations per coordinate, a `cat`): RAFT-large's 12 refinements spent 540 launches per flow on it.
+        Here the 4 levels' sampling points come from one `addcmul` and are normalised by one `addcdiv`, with the
+        same roundings (`c / 2^l` is exact, then `+ delta`; then `2 * p / (w_l - 1) - 1` as torchvision's
+        `grid_sample` helper computes it, a true division: on CUDA torchvision divides by a scalar, which
+        PyTorch turns into a multiplication by its reciprocal, so the two can differ there in the last bit).
+
+        Args:
+            pyramid: the correlation volumes, level `l` `(N * h * w, 1, h_l, w_l)`.
+            coords: the centroids `(N, 2, h, w)` in pixels of level 0.
+            offsets, scales, spans, minus_one: `_lookup_constants`.
+
+        Returns:
+            `(N, L * r * r, h, w)`, level-major, as torchvision's.
+        """
+        batch, _, height, width = coords.shape
+        centroids = coords.permute(0, 2, 3, 1).reshape(1, batch * height * width, 1, 1, 2)
+        points = torch.addcmul(offsets, centroids, scales)  # (L, N*h*w, r, r, 2): c / 2^l + delta, per level
+        grids = torch.addcdiv(minus_one, points, spans, value=2)  # 2 * p / (size - 1) - 1
+        sampled = [F.grid_sample(volume, grid, mode="bilinear", align_corners=True)
+                   for volume, grid in zip(pyramid, grids)]
+        return torch.cat(sampled, dim=1).view(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class GroundTruthFlow:
