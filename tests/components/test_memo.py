@@ -3,6 +3,9 @@ step-only modules found in diffusers' UNet and ControlNet."""
 
 from __future__ import annotations
 
+import collections
+import functools
+
 import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
@@ -11,7 +14,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 import zoo
-from zoo.components.memo import StepMemo, memoise_denoiser
+from zoo.bench.pipeline import DispatchCounter
+from zoo.components.memo import UNIT, StepMemo, memoise_denoiser
 from zoo.stream_diffvsr.network import StreamDiffVSRConfig
 
 
@@ -172,3 +176,71 @@ def test_a_memoised_stream_equals_a_computed_one_to_the_bit() -> None:
     computed.memo = StepMemo()  # registers nothing: every module computes
     reference = [computed.push(frame) for frame in frames]
     assert all(torch.equal(a, b) for a, b in zip(memoised, reference, strict=True))
+
+
+def test_unit_is_a_scale_of_one_that_dispatches_nothing() -> None:
+    x = torch.randn(3)
+    with DispatchCounter() as counter:
+        assert x * UNIT is x and x / UNIT is x
+    assert counter.launches == 0
+    with pytest.raises(TypeError):
+        UNIT * x  # only as the right operand, where diffusers puts its scales
+
+
+def _ops(fn) -> collections.Counter:
+    ops = collections.Counter()
+
+    class Recorder(DispatchCounter):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[str(func)] += 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with torch.no_grad(), Recorder():
+        fn()
+    return ops
+
+
+def test_output_scales_of_one_are_not_divided_by_while_installed() -> None:
+    unet = _tiny_unet()
+    unet.fuse_qkv_projections()
+    memo = StepMemo()
+    memoise_denoiser(memo, unet)
+    sample, prompt = torch.randn(1, 7, 8, 8), torch.randn(1, 4, 16)
+    run = functools.partial(_unet_steps, unet, memo, sample, prompt, [999])
+    plain = _ops(functools.partial(_unet_steps, unet, None, sample, prompt, [999]))
+    blocks = [m for m in unet.modules() if type(m) is ResnetBlock2D or isinstance(m, Attention)]
+    assert plain["aten.div.Tensor"] >= len(blocks)  # diffusers divides by each block's scale of 1
+    with torch.no_grad(), memo.installed():
+        assert all(getattr(m, "output_scale_factor", getattr(m, "rescale_output_factor", None)) is UNIT
+                   for m in blocks)
+        assert _ops(run)["aten.div.Tensor"] == plain["aten.div.Tensor"] - len(blocks)
+    assert all(m.output_scale_factor == 1.0 for m in blocks if type(m) is ResnetBlock2D)  # restored
+
+
+def test_other_output_scales_are_kept() -> None:
+    unet = _tiny_unet(mid_block_scale_factor=2.0)
+    memo = StepMemo()
+    memoise_denoiser(memo, unet)
+    sample, prompt = torch.randn(1, 7, 8, 8), torch.randn(1, 4, 16)
+    scaled = [m for m in unet.modules() if type(m) is ResnetBlock2D and m.output_scale_factor == 2.0]
+    assert len(scaled) == 2  # the mid block's
+    with torch.no_grad():
+        expected = _unet_steps(unet, None, sample, prompt, [999, 249])
+        with memo.installed():
+            assert all(m.output_scale_factor == 2.0 for m in scaled)
+            got = _unet_steps(unet, memo, sample, prompt, [999, 249])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_memoised_stream_hands_the_controlnet_residuals_over_unscaled() -> None:
+    torch.manual_seed(0)
+    up = zoo.load("stream_diffvsr", pretrained=False, variant="tiny")
+    controlnet = up.net.controlnet
+    zero_conv, residuals = [], []
+    controlnet.controlnet_down_blocks[0].register_forward_hook(lambda m, a, out: zero_conv.append(out))
+    controlnet.register_forward_hook(lambda m, a, out: residuals.append(out[0][0]))
+    session = up.session()
+    for frame in torch.rand(2, 3, 16, 16):
+        session.push(frame)
+    # No multiplication by the conditioning scale of 1: the zero convolution's output is the residual itself.
+    assert len(residuals) == 4 and all(r is z for r, z in zip(residuals, zero_conv, strict=True))

@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from zoo.components.flow import warp
 from zoo.stream_diffvsr.network import (
+    SDX4_DDIM,
     TINY_AUTOENCODER_X4,
     StreamDiffVSRConfig,
     StreamDiffVSRNet,
     TemporalAutoencoderTiny,
     TemporalTinyBlock,
+    ddim_constants,
+    ddim_step,
     stream_warp,
 )
 
@@ -45,9 +49,44 @@ def test_step_is_ddim_with_v_prediction_by_hand():
 def test_sampler_runs_the_scheduler_steps_in_order(monkeypatch):
     net = StreamDiffVSRNet(StreamDiffVSRConfig.tiny())
     seen = []
-    monkeypatch.setattr(net, "denoise", lambda latents, lr, t, warped: seen.append(t) or torch.zeros_like(latents))
+    monkeypatch.setattr(net, "denoise", lambda latents, lr, t, *args: seen.append(t) or torch.zeros_like(latents))
     net.sample(torch.ones(1, 4, 2, 2), torch.zeros(1, 3, 2, 2), None)
     assert seen == [999, 749, 499, 249]
+
+
+def test_ddim_step_by_hand() -> None:
+    # DDIM, v-parametrisation: x0 = s_t z - c_t v, eps = s_t v + c_t z, z_prev = s_p x0 + c_p eps.
+    z, v = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
+    # x0 = (0.6 - 0.4, -1.2 - 0.8) = (0.2, -2.0); eps = (0.3 + 0.8, 0.6 - 1.6) = (1.1, -1.0)
+    torch.testing.assert_close(ddim_step((0.6, 0.8, 1.0, 0.0), z, v), torch.tensor([0.2, -2.0]))
+    torch.testing.assert_close(ddim_step((0.6, 0.8, 0.8, 0.6), z, v), torch.tensor([0.82, -2.2]))
+    torch.testing.assert_close(ddim_step((0.6, 0.8, 0.6, 0.8), z, v), z)  # the same noise level: no move
+
+
+def test_ddim_constants_give_the_schedulers_step_to_the_bit() -> None:
+    scheduler = DDIMScheduler.from_config(SDX4_DDIM)
+    scheduler.set_timesteps(4)
+    constants = ddim_constants(scheduler)
+    assert list(constants) == [999, 749, 499, 249]
+    torch.manual_seed(0)
+    latents, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in constants:
+        assert torch.equal(ddim_step(constants[t], latents, output), scheduler.step(output, t, latents).prev_sample)
+    # Each timestep's own scalars: the next step's would give another sample.
+    assert not torch.equal(ddim_step(constants[749], latents, output), scheduler.step(output, 999, latents).prev_sample)
+    assert constants[249][2] == pytest.approx(0.9999**0.5)  # alpha_bar_p past the last step: alphas_cumprod[0]
+
+
+def test_other_prediction_types_run_the_schedulers_step(monkeypatch) -> None:
+    config = StreamDiffVSRConfig.tiny()
+    config.scheduler = {**config.scheduler, "prediction_type": "epsilon"}
+    net = StreamDiffVSRNet(config)
+    assert net.ddim_constants is None
+    calls = []
+    monkeypatch.setattr(net, "denoise", lambda latents, *args: torch.zeros_like(latents))
+    monkeypatch.setattr(net, "step", lambda output, t, latents: calls.append(t) or (latents, latents))
+    net.sample(torch.ones(1, 4, 2, 2), torch.zeros(1, 3, 2, 2), None)
+    assert calls == [999, 749, 499, 249]
 
 
 def _constant_block(bias: float) -> TemporalTinyBlock:

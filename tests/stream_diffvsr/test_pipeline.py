@@ -13,8 +13,9 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 
 import zoo.hub
+import zoo.stream_diffvsr.network as network_module
 from zoo.components.flow import FlowEstimator, published_raft_weights
-from zoo.stream_diffvsr.network import StreamDiffVSRConfig, controlnet_config_from_unet, stream_warp
+from zoo.stream_diffvsr.network import StreamDiffVSRConfig, controlnet_config_from_unet, ddim_step, stream_warp
 from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler
 
 REPO_ROOT = Path(__file__).parents[2]
@@ -457,19 +458,20 @@ def test_bfloat16_stays_within_its_stated_tolerance_of_float32(upscaler) -> None
     assert difference.max() < 0.01 and difference.mean() < 0.001
 
 
-def test_ddim_constants_and_latents_stay_float32_under_bfloat16(upscaler) -> None:
+def test_ddim_constants_and_latents_stay_float32_under_bfloat16(upscaler, monkeypatch) -> None:
     net = copy.deepcopy(upscaler.net).to(torch.bfloat16)
     # The last step (t = 249) goes to alpha_bar_0 = 1 - beta_0 = 1 - 0.0001 = 0.9999, which bfloat16 rounds to 1.0.
     assert net.scheduler.alphas_cumprod.dtype == torch.float32
     assert net.scheduler.final_alpha_cumprod.item() == pytest.approx(0.9999, abs=1e-7)
     assert torch.tensor(0.9999).bfloat16().item() == 1.0
+    assert all(isinstance(x, float) for constants in net.ddim_constants.values() for x in constants)
     seen = []
 
-    def step(output, t, latents):
+    def step(constants, latents, output):
         seen.append((output.dtype, latents.dtype))
-        return type(net).step(net, output, t, latents)
+        return ddim_step(constants, latents, output)
 
-    net.step = step
+    monkeypatch.setattr(network_module, "ddim_step", step)
     lr = torch.rand(1, 3, 8, 8) * 2 - 1
     latents = net.sample(torch.randn(1, net.vae.config.latent_channels, 8, 8), lr.bfloat16(), None)
     assert latents.dtype == torch.float32

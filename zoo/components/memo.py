@@ -10,7 +10,10 @@ else:
 
 Eager PyTorch recomputes them at every step of every frame: for Stream-DiffVSR's UNet and ControlNet
 at 4 steps, about 500 operator launches per frame, each a GPU kernel. `StepMemo` computes each once
-per clip and step, and hands the stored tensor back afterwards. It is for eager inference only:
+per clip and step, and hands the stored tensor back afterwards. While it is installed, diffusers'
+divisions by an output scale of 1 (every attention's `rescale_output_factor`, every ResNet block's
+`output_scale_factor`) dispatch nothing either (`UNIT`): another 312 launches per Stream-DiffVSR frame.
+It is for eager inference only:
 compiled networks fuse those small operations into their neighbours, and a dictionary lookup
 inside a traced forward would cost a graph per step.
 """
@@ -29,6 +32,28 @@ from torch import Tensor, nn
 
 _STEP_FREE = object()
 """The key of outputs that depend on no step (the prompt's keys and values)."""
+
+
+class _Unit:
+    """1 as a scale that dispatches nothing: `x * UNIT` and `x / UNIT` are `x` itself.
+
+    diffusers multiplies or divides by its scale factors even when they are 1 (`hidden_states /
+    attn.rescale_output_factor`, `(input_tensor + hidden_states) / self.output_scale_factor`, the
+    ControlNet's `sample * conditioning_scale`): a kernel launch each on a GPU, for an exact no-op. A
+    tensor does not know this type, so Python asks it (`__rmul__`, `__rtruediv__`), and it hands `x`
+    back. Only for eager runs: a compiled graph drops such operations itself.
+    """
+
+    def __rmul__(self, other: Any) -> Any:
+        return other
+
+    __rtruediv__ = __rmul__
+
+    def __repr__(self) -> str:
+        return "UNIT"
+
+
+UNIT = _Unit()
 
 
 class StepMemo:
@@ -70,6 +95,13 @@ class StepMemo:
     def set_while_installed(self, module: nn.Module, name: str, value: Any) -> None:
         """Give `module.name` the value `value` while the memo is installed (restored after)."""
         self._settings.append((module, name, value))
+
+    def unit_while_installed(self, module: nn.Module, name: str) -> bool:
+        """Make the scale `module.name` `UNIT` while installed if it is 1 (an exact no-op); returns whether."""
+        if getattr(module, name) != 1:
+            return False
+        self.set_while_installed(module, name, UNIT)
+        return True
 
     @contextlib.contextmanager
     def step(self, key: Hashable) -> Iterator[None]:
@@ -133,7 +165,8 @@ def memoise_denoiser(memo: StepMemo, model: nn.Module) -> int:
     (`encoder_hidden_states`) while installed: the timestep features, the time-embedding MLP and each
     ResNet block's time projection are stored per step, and the prompt's keys and values in every
     cross-attention once. Attention with other processors than diffusers' plain or fused SDPA ones
-    is left alone, as are ResNet blocks with another time-embedding norm than the default sum.
+    is left alone, as are ResNet blocks with another time-embedding norm than the default sum. Output
+    scales of 1 of the SDPA attentions and the ResNet blocks become `UNIT` (not counted in the return value).
     """
     count = len(memo)
     # A UNet with a timestep-type class embedding (the x4 upscaler's noise level) calls `time_proj` twice per
@@ -148,7 +181,12 @@ def memoise_denoiser(memo: StepMemo, model: nn.Module) -> int:
             # The SiLU moves into the stored projection: the block is told to skip its own while installed.
             memo.add(module.time_emb_proj, functools.partial(_time_projection, module))
             memo.set_while_installed(module, "skip_time_act", True)
-        elif isinstance(module, Attention) and module.is_cross_attention:
+        if type(module) is ResnetBlock2D:
+            memo.unit_while_installed(module, "output_scale_factor")
+        elif isinstance(module, Attention) and type(module.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0):
+            memo.unit_while_installed(module, "rescale_output_factor")
+            if not module.is_cross_attention:
+                continue
             if type(module.processor) is FusedAttnProcessor2_0 and getattr(module, "fused_projections", False):
                 memo.add(module.to_kv, per_step=False)
             elif type(module.processor) is AttnProcessor2_0:
