@@ -425,8 +425,8 @@ def stream_warp(image: Tensor, flow: Tensor) -> Tensor:
 def ddim_constants(scheduler: DDIMScheduler) -> dict[int, tuple[float, float, float, float]] | None:
     """The scalars of the scheduler's DDIM step (eta = 0, `v_prediction`) at each of its timesteps, made once.
 
-    `DDIMScheduler.step` computes them from its float32 `alphas_cumprod` at every call, about 20 operators on
-    0-dim tensors (square roots, differences, the zero variance) besides the 9 on the latents. Here they are
+    `DDIMScheduler.step` computes them from its float32 `alphas_cumprod` at every call, 18 operators on 0-dim
+    tensors (square roots, differences, the zero variance) besides the 9 on the latents (counted). Here they are
     computed once, by the same float32 operations, and `ddim_step` applies the 9 in the step's order: the
     same bits. Per timestep t with alpha_bar_t and the previous step's alpha_bar_p (`final_alpha_cumprod` past
     the first timestep): `(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t), sqrt(alpha_bar_p), sqrt(1 - alpha_bar_p))`.
@@ -573,7 +573,7 @@ class StreamDiffVSRNet(nn.Module):
         `alphas_cumprod`; in bfloat16 the last step's alpha_bar_0 = 0.9999 would round to 1.0) stay float32,
         and only the networks' inputs are cast to their dtype. The ControlNet's condition is embedded once per
         frame (`embedded_condition`), not at each step. The DDIM step's scalars are computed once
-        (`ddim_constants`): the scheduler's step, to the bit, in 9 operators on the latents instead of about 30.
+        (`ddim_constants`): the scheduler's step, to the bit, in 9 operators on the latents instead of 27.
 
         Args:
             noise, lr, warped_prev: see `upscale_frame`.
