@@ -355,3 +355,10 @@ def test_correlation_features_are_torchvisions_lookup_to_the_bit_in_9_launches()
     with DispatchCounter() as again:
         assert estimator._lookup_constants(fmap1, block.corr_pyramid)[1] is lookup  # made once per size
     assert again.launches == 0
+
+
+def test_raft_runs_on_the_meta_device() -> None:
+    # Full-size networks are built and counted on `meta`; the flow needs no real tensor to get its shape.
+    estimator = FlowEstimator("large", pretrained=False).to("meta")
+    flow = estimator(torch.empty(2, 3, 180, 320, device="meta"), torch.empty(2, 3, 180, 320, device="meta"))
+    assert flow.shape == (2, 2, 180, 320) and flow.device.type == "meta"

@@ -16,6 +16,7 @@ Every flow source (RAFT, precomputed ground truth) plugs in as a `FlowFn`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -156,9 +157,9 @@ class FlowEstimator(nn.Module):
         if any(pad):
             images = F.pad(images, pad, mode="replicate")
         image1, image2 = images.chunk(2)
-        with torch.autocast(
-            device_type=images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
+        # No autocast context without a dtype: `torch.autocast` refuses device types it has no default for (meta).
+        with contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(
+                device_type=images.device.type, dtype=self.autocast_dtype):
             flow = self.final_flow(image1, image2)
         return flow[..., pad[2] : pad[2] + height, pad[0] : pad[0] + width].float()
 
