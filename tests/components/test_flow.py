@@ -326,6 +326,9 @@ def test_merged_gates_follow_the_weights() -> None:
         gru.convr.bias.add_(1.0)  # a write in place, as loading a checkpoint does
     assert torch.equal(estimator._merged_gates()[0][1], torch.cat([gru.convz.bias, gru.convr.bias]))
     assert estimator.double()._merged_gates()[0][0].dtype == torch.float64
+    replaced = {name: torch.randn_like(value) for name, value in gru.state_dict().items()}
+    gru.load_state_dict(replaced, assign=True)  # new parameter objects, version 0 again
+    assert torch.equal(estimator._merged_gates()[0][0], torch.cat([replaced["convz.weight"], replaced["convr.weight"]]))
 
 
 def test_final_flow_predicts_the_upsampling_mask_once() -> None:

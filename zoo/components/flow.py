@@ -116,7 +116,7 @@ class FlowEstimator(nn.Module):
         # its coarsest level needs at least 2 entries per side.
         self.min_size = 8 * 2 * 2 ** (self.raft.corr_block.num_levels - 1)
         self._constants: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
-        self._gates: dict[int, tuple[tuple, Tensor, Tensor]] = {}
+        self._gates: dict[ConvGRU, tuple[tuple[Tensor, ...], tuple, Tensor, Tensor]] = {}
 
     def _apply(self, fn: Any, recurse: bool = True) -> FlowEstimator:
         # A float32 island: casting a model to a half dtype leaves RAFT in float32. Its correlation volumes
@@ -241,12 +241,13 @@ class FlowEstimator(nn.Module):
         """
         merged = []
         for gru in self._grus():
-            z, r = gru.convz, gru.convr
-            key = (id(z.weight), z.weight._version, z.bias._version, id(r.weight), r.weight._version, r.bias._version,
-                   z.weight.device, z.weight.dtype)
-            if self._gates.get(id(gru), (None,))[0] != key:
-                self._gates[id(gru)] = (key, torch.cat([z.weight, r.weight]), torch.cat([z.bias, r.bias]))
-            merged.append(self._gates[id(gru)][1:])
+            params = (gru.convz.weight, gru.convz.bias, gru.convr.weight, gru.convr.bias)
+            state = (*(p._version for p in params), params[0].device, params[0].dtype)
+            cached = self._gates.get(gru)
+            # The parameters themselves are compared (`is`), not their ids, which a replaced parameter can reuse.
+            if cached is None or cached[1] != state or any(a is not b for a, b in zip(cached[0], params, strict=True)):
+                cached = self._gates[gru] = (params, state, torch.cat(params[0::2]), torch.cat(params[1::2]))
+            merged.append(cached[2:])
         return merged
 
     def _lookup_constants(self, fmap: Tensor, pyramid: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
