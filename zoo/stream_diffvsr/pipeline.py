@@ -77,8 +77,9 @@ def flow_to_previous(flow: FlowFn, lr: Tensor, prev_lr: Tensor, scale: int, reso
     """
     if resolution == "hr":
         # Official pipeline: bicubic x4 of the [-1, 1] LR frame, then of_model(current, previous). Its
-        # frames are channels-last (views of diffusers' HWC numpy arrays), and RAFT's convolutions
-        # only give its flow bit for bit in that memory format (1e-5 px apart in the other).
+        # frames are channels-last (views of diffusers' HWC numpy arrays), and RAFT's convolutions round as
+        # the official ones only in that memory format (1e-5 px apart in the other). The zoo's RAFT update
+        # (`FlowEstimator.update`) rounds its GRU differently again: measured 1.0e-5 px from the official flow.
         frames = torch.cat([lr, prev_lr]).contiguous(memory_format=torch.channels_last)
         current, previous = F.interpolate(frames, scale_factor=scale, mode="bicubic").chunk(2)
         return flow(current, previous)
