@@ -36,11 +36,17 @@ def test_pretrained_error_names_the_recipe() -> None:
 
 def test_stream_window_boundaries_and_one_frame_lookahead(upscaler: OSDiffVSRUpscaler,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    windows, pulled = [], []
+    windows, pulled, encoded = [], [], []
 
-    def record(prev, current, next_, prompt_embeds=None):
-        windows.append(tuple(int(x[0, 0, 0, 0] * 10) for x in (prev, current, next_)))
+    def record(prev, current, next_, prompt_embeds=None, flow_features=None):
+        frames = tuple(int(x[0, 0, 0, 0] * 10) for x in (prev, current, next_))
+        assert flow_features == frames  # each frame's own encodings, in the window's order
+        windows.append(frames)
         return torch.zeros(1, 3, 8, 8)
+
+    def encode(frame):
+        encoded.append(int(frame[0, 0, 0, 0] * 10))
+        return encoded[-1]  # stands for the frame's RAFT encodings
 
     def frames(count: int):
         for t in range(count):
@@ -48,11 +54,13 @@ def test_stream_window_boundaries_and_one_frame_lookahead(upscaler: OSDiffVSRUps
             yield torch.full((3, 2, 2), t / 10)
 
     monkeypatch.setattr(upscaler, "upscale_window", record)
+    monkeypatch.setattr(upscaler, "flow_features", encode)
     stream = upscaler.stream(frames(5))
     next(stream)
     assert pulled == [0, 1]  # frame 0 is out once frame 1 (its look-ahead) has arrived
     list(stream)
     assert windows == [(1, 0, 1), (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 3)]
+    assert encoded == [0, 1, 2, 3, 4]  # RAFT encodes each frame once, not once per window
     windows.clear()
     list(upscaler.stream(frames(1)))
     assert windows == [(0, 0, 0)]
@@ -215,3 +223,24 @@ def test_one_step_constants_and_update_stay_float32_under_bfloat16(upscaler: OSD
     out = one_step_denoise(z, eps, half.alpha_t, half.beta_t)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([[(0.5 - half.beta_t * 0.5) / half.alpha_t]]))
+
+
+def test_the_streams_once_per_frame_flow_encodings_equal_each_windows_own(upscaler: OSDiffVSRUpscaler) -> None:
+    torch.manual_seed(0)
+    frames = torch.rand(4, 3, 20, 28)  # 20 is no multiple of 8: the windows pad, and the encodings with them
+    encoder = upscaler.net.flow.raft.feature_encoder
+    encoded = []
+    handle = encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    try:
+        streamed = list(upscaler.stream(frames.unbind(0)))
+    finally:
+        handle.remove()
+    assert encoded == [1, 1, 1, 1]  # one image per call, one call per frame (each window encoded 4 before)
+    neighbours = [(1, 1), (0, 2), (1, 3), (2, 2)]  # the clip's ends mirror their one neighbour
+    with torch.no_grad():
+        reference = [upscaler.upscale_window(frames[before][None], frames[t][None], frames[after][None])[0]
+                     for t, (before, after) in enumerate(neighbours)]
+    # The window encodes its 4 images as one batch, the stream each frame alone: equal here (measured 0); a
+    # convolution may round another batch size differently.
+    for got, expected in zip(streamed, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoo.components.flow import FlowFeatures
 from zoo.components.memo import StepMemo, memoise_denoiser
 from zoo.components.tiling import valid_length
 from zoo.components.upscaler import VideoUpscaler
@@ -36,12 +37,13 @@ def _clip_mean(counts: list[int], frames: int) -> int:
 
 def _osdiffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
     """Every frame alike: three VAE encodes of x4 frames (the frame and its two warped neighbours, Eq. 9), one
-    UNet step (Eq. 2), one decode, and RAFT on the two neighbour pairs at LR size (the clip's ends use a
-    mirrored neighbour, the same work); the UNet's step-only values at the first frame only."""
+    UNet step (Eq. 2), one decode, RAFT's encoders on the frame once and its refinements for the two neighbour
+    pairs at LR size (the clip's ends use a mirrored neighbour, the same work); the UNet's step-only values at
+    the first frame only."""
     net = up.net
     device, dtype = up.device, up.dtype
     hr = torch.zeros(1, 3, height * up.scale, width * up.scale, device=device, dtype=dtype)
-    lr = torch.zeros(2, 3, height, width, device=device, dtype=dtype)
+    lr = torch.zeros(1, 3, height, width, device=device, dtype=dtype)
     memo = StepMemo()
     memoise_denoiser(memo, net.unet)
 
@@ -50,7 +52,8 @@ def _osdiffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
         with memo.installed(), memo.step(net.config.timestep):
             z_hat = net.denoise(z[:1])
         net.vae.decode(z_hat)
-        net.flow(lr, lr)
+        pairs = FlowFeatures.cat([net.flow.features(lr)] * 2)
+        net.flow(pairs, pairs)
 
     return _clip_mean([_count(run), _count(run)], frames)
 

@@ -20,7 +20,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -59,6 +59,36 @@ def published_raft_weights(variant: str) -> tuple[str, Path]:
         raise ValueError(f"variant must be 'large' or 'small', got {variant!r}")
     url = _RAFT[variant][1].url
     return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+class FlowFeatures(NamedTuple):
+    """RAFT's encodings of `N` images (`FlowEstimator.features`), for flows from or to them (`estimator(src, dst)`).
+
+    Attributes:
+        fmap: the feature encoder's output `(N, C, h, w)` (`h`, `w`: the padded size / 8), for either end.
+        hidden, context: the context encoder's split, the GRU's initial state and its context input, for a source.
+        height, width: the images' size, before RAFT's padding.
+    """
+
+    fmap: Tensor
+    hidden: Tensor
+    context: Tensor
+    height: int
+    width: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def describe(self) -> str:
+        return f"{self.fmap.shape[0]} image(s) of {self.height}x{self.width}"
+
+    @staticmethod
+    def cat(parts: list[FlowFeatures]) -> FlowFeatures:
+        """The features of the images of `parts`, in order, as one batch (all of one size)."""
+        if len({part.size for part in parts}) != 1:
+            raise ValueError(f"features to join must be of one image size, got {[part.describe() for part in parts]}")
+        return FlowFeatures(*(torch.cat(tensors) for tensors in zip(*(part[:3] for part in parts))), *parts[0].size)
 
 
 class FlowEstimator(nn.Module):
@@ -142,26 +172,69 @@ class FlowEstimator(nn.Module):
         modules = [raft.feature_encoder, raft.context_encoder, (self, "correlation_features"), (self, "update")]
         return modules if raft.mask_predictor is None else [*modules, raft.mask_predictor]
 
-    @torch.no_grad()
-    def forward(self, src: Tensor, dst: Tensor) -> Tensor:
-        """Flow `(N, 2, H, W)` from `src` to `dst`, both `(N, 3, H, W)` in `[0, 1]` (`[-1, 1]` if `signed_inputs`)."""
-        _check_pair(src, dst)
-        height, width = src.shape[-2:]
+    def _padding(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """`F.pad`'s (left, right, top, bottom): edge replication to a multiple of 8 and at least `min_size`."""
         pad_h = max(math.ceil(height / 8) * 8, self.min_size) - height
         pad_w = max(math.ceil(width / 8) * 8, self.min_size) - width
-        pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        """Images as RAFT takes them: on its device and dtype, in `[-1, 1]`, padded (`_padding`)."""
         param = next(self.raft.parameters())
-        images = torch.cat([src, dst]).to(param.device, param.dtype)
+        images = images.to(param.device, param.dtype)
         if not self.signed_inputs:
             images = images * 2 - 1  # RAFT expects images in [-1, 1]
-        if any(pad):
-            images = F.pad(images, pad, mode="replicate")
-        image1, image2 = images.chunk(2)
+        pad = self._padding(*images.shape[-2:])
+        return F.pad(images, pad, mode="replicate") if any(pad) else images
+
+    def _crop(self, flow: Tensor, height: int, width: int) -> Tensor:
+        left, _, top, _ = self._padding(height, width)
+        return flow[..., top : top + height, left : left + width].float()
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         # No autocast context without a dtype: `torch.autocast` refuses device types it has no default for (meta).
-        with contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(
-                device_type=images.device.type, dtype=self.autocast_dtype):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def forward(self, src: Tensor | FlowFeatures, dst: Tensor | FlowFeatures) -> Tensor:
+        """Flow `(N, 2, H, W)` from `src` to `dst`: both images `(N, 3, H, W)` in `[0, 1]` (`[-1, 1]` if
+        `signed_inputs`), or both their `features`."""
+        if isinstance(src, FlowFeatures) or isinstance(dst, FlowFeatures):
+            return self._flow_between(src, dst)
+        _check_pair(src, dst)
+        image1, image2 = self._prepare(torch.cat([src, dst])).chunk(2)
+        with self._autocast(image1.device):
             flow = self.final_flow(image1, image2)
-        return flow[..., pad[2] : pad[2] + height, pad[0] : pad[0] + width].float()
+        return self._crop(flow, *src.shape[-2:])
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> FlowFeatures:
+        """What RAFT computes from each of `images` `(N, 3, H, W)` alone: `self(src_features, dst_features)` is
+        then `self(src_images, dst_images)`.
+
+        A frame that takes part in several flows (OS-DiffVSR's frames are the source of one window's two flows
+        and the destination of two other windows' flows) is encoded once this way, where `forward` encodes both
+        images of every pair it is given.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        prepared = self._prepare(images)
+        with self._autocast(prepared.device):
+            hidden, context = self._context(prepared)
+            return FlowFeatures(self.raft.feature_encoder(prepared), hidden, context, *images.shape[-2:])
+
+    def _flow_between(self, src: FlowFeatures, dst: FlowFeatures) -> Tensor:
+        if not (isinstance(src, FlowFeatures) and isinstance(dst, FlowFeatures)):
+            raise ValueError(f"src and dst must both be images or both FlowFeatures, got {type(src).__name__} and "
+                             f"{type(dst).__name__}")
+        if src.fmap.shape != dst.fmap.shape or src.size != dst.size:
+            raise ValueError(f"src and dst features must be of one batch and image size, got {src.describe()} and "
+                             f"{dst.describe()}")
+        with self._autocast(src.fmap.device):
+            flow = self._refine(src.fmap, dst.fmap, src.hidden, src.context)
+        return self._crop(flow, *src.size)
 
     def final_flow(self, image1: Tensor, image2: Tensor) -> Tensor:
         """torchvision RAFT's last prediction, `self.raft(image1, image2, num_flow_updates)[-1]`, with fewer launches.
@@ -180,16 +253,23 @@ class FlowEstimator(nn.Module):
         Args:
             image1, image2: `(N, 3, H, W)` in RAFT's `[-1, 1]`, `H` and `W` multiples of 8.
         """
+        fmap1, fmap2 = self.raft.feature_encoder(torch.cat([image1, image2])).chunk(2)
+        return self._refine(fmap1, fmap2, *self._context(image1))
+
+    def _context(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The context encoder's split: the GRU's initial state (tanh) and the context features (ReLU)."""
+        context = self.raft.context_encoder(images)
+        hidden_size = self.raft.update_block.hidden_state_size
+        hidden, context = context.split([hidden_size, context.shape[1] - hidden_size], dim=1)
+        return torch.tanh(hidden), F.relu(context)
+
+    def _refine(self, fmap1: Tensor, fmap2: Tensor, hidden: Tensor, context: Tensor) -> Tensor:
+        """RAFT from the encodings: the correlation pyramid, `num_flow_updates` refinements, the upsampled flow."""
         raft = self.raft
-        fmap1, fmap2 = raft.feature_encoder(torch.cat([image1, image2])).chunk(2)
         raft.corr_block.build_pyramid(fmap1, fmap2)
         pyramid = raft.corr_block.corr_pyramid
         coords0, lookup = self._lookup_constants(fmap1, pyramid)
         gates = self._merged_gates()
-        context = raft.context_encoder(image1)
-        hidden_size = raft.update_block.hidden_state_size
-        hidden, context = context.split([hidden_size, context.shape[1] - hidden_size], dim=1)
-        hidden, context = torch.tanh(hidden), F.relu(context)
         coords1 = coords0
         for _ in range(self.num_flow_updates):
             corr = self.correlation_features(pyramid, coords1, *lookup)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.components.flow import FlowEstimator, warp
+from zoo.components.flow import FlowEstimator, FlowFeatures, warp
 from zoo.components.lora import inject_lora, lora_config
 from zoo.components.prompts import encode_prompt
 
@@ -383,17 +383,28 @@ class OSDiffVSRNet(nn.Module):
         sample = self.vae.decode((latents / self.config.scaling_factor).to(self.vae.dtype)).sample
         return (sample.float().clamp(-1, 1) + 1) / 2  # to [0, 1] in float32 (bfloat16 steps by 1/256 below 1)
 
-    def align(self, prev: Tensor, current: Tensor, next_: Tensor) -> tuple[Tensor, Tensor]:
+    def align(self, prev: Tensor, current: Tensor, next_: Tensor,
+              flow_features: tuple[FlowFeatures, FlowFeatures, FlowFeatures] | None = None) -> tuple[Tensor, Tensor]:
         """Eq. (8): the neighbours warped onto the current frame, `(I^w_{i-1}, I^w_{i+1})`.
 
         RAFT gives the flow from `I_i` to each neighbour, and backward warping samples the
         neighbour at `p + flow(p)`, so each warped neighbour lines up with `I_i` (P:138).
+
+        Args:
+            prev, current, next_: the frames `(N, 3, h, w)` in [0, 1].
+            flow_features: RAFT's encodings of `(prev, current, next_)` (`self.flow.features`), made once per
+                frame by a stream; None encodes the frames here.
         """
         neighbours = torch.cat([prev, next_])
-        flow = self.flow(torch.cat([current, current]), neighbours)
+        if flow_features is None:
+            flow = self.flow(torch.cat([current, current]), neighbours)
+        else:
+            before, middle, after = flow_features
+            flow = self.flow(FlowFeatures.cat([middle, middle]), FlowFeatures.cat([before, after]))
         return warp(neighbours, flow).chunk(2)  # Eq. (8), OS-DiffVSR
 
-    def fuse(self, prev: Tensor, current: Tensor, next_: Tensor, current_latent: Tensor) -> Tensor:
+    def fuse(self, prev: Tensor, current: Tensor, next_: Tensor, current_latent: Tensor,
+             flow_features: tuple[FlowFeatures, FlowFeatures, FlowFeatures] | None = None) -> Tensor:
         """Eqs. (8)-(14): the fused latent `Z^f_i` of frame i from its LR neighbours.
 
         Args:
@@ -401,8 +412,9 @@ class OSDiffVSRNet(nn.Module):
             current: `I^L_i`.
             next_: `I^L_{i+1}`.
             current_latent: `Z^L_i = E_vae(I^L_i)`.
+            flow_features: see `align`.
         """
-        warped_prev, warped_next = self.align(prev, current, next_)
+        warped_prev, warped_next = self.align(prev, current, next_, flow_features)
         z_prev, z_next = self.encode(torch.cat([warped_prev, warped_next])).chunk(2)  # Eq. (9), OS-DiffVSR
         latents = torch.stack([z_prev, current_latent, z_next], dim=1)
         mask = fusion_mask(current, warped_prev, warped_next, self.config.fusion_alpha, self.config.fusion_threshold)
