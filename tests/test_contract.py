@@ -138,11 +138,12 @@ def test_unknown_options_are_refused_by_name(entry) -> None:
         zoo.load(name, pretrained=False, variant="tiny", colour="red")
 
 
-# Each model's networks one by one (the default scope), and Stream-DiffVSR's whole step, whose graph takes the
-# previous output back as an input.
+# Each model's networks one by one (the default scope); Stream-DiffVSR's whole step, whose graph takes the
+# previous output back as an input; OS-DiffVSR's window step, which takes its frames' RAFT encodings (a mirrored
+# neighbour's as well as distinct ones, with no graph for each).
 @pytest.mark.slow  # dynamo traces each tiny pipeline: 7-30 s per model and scope on one busy core
 @pytest.mark.parametrize(("name", "scope"), [*((name, "networks") for name in hub.list_models()),
-                                             ("stream_diffvsr", "step")])
+                                             ("stream_diffvsr", "step"), ("osdiffvsr", "step")])
 def test_compile_matches_eager_without_recompiling_per_frame(name: str, scope: str) -> None:
     torch.manual_seed(0)
     upscaler = zoo.load(name, pretrained=False, variant="tiny")

@@ -40,7 +40,7 @@ def test_stream_window_boundaries_and_one_frame_lookahead(upscaler: OSDiffVSRUps
 
     def record(prev, current, next_, prompt_embeds=None, flow_features=None):
         frames = tuple(int(x[0, 0, 0, 0] * 10) for x in (prev, current, next_))
-        assert flow_features == frames  # each frame's own encodings, in the window's order
+        assert flow_features == ((frames[1], frames[1]), (frames[0], frames[2]))  # sources, destinations
         windows.append(frames)
         return torch.zeros(1, 3, 8, 8)
 
@@ -55,6 +55,7 @@ def test_stream_window_boundaries_and_one_frame_lookahead(upscaler: OSDiffVSRUps
 
     monkeypatch.setattr(upscaler, "upscale_window", record)
     monkeypatch.setattr(upscaler, "flow_features", encode)
+    monkeypatch.setattr(upscaler, "flow_pairs", lambda before, current, after: ((current, current), (before, after)))
     stream = upscaler.stream(frames(5))
     next(stream)
     assert pulled == [0, 1]  # frame 0 is out once frame 1 (its look-ahead) has arrived

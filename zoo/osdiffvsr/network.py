@@ -384,7 +384,7 @@ class OSDiffVSRNet(nn.Module):
         return (sample.float().clamp(-1, 1) + 1) / 2  # to [0, 1] in float32 (bfloat16 steps by 1/256 below 1)
 
     def align(self, prev: Tensor, current: Tensor, next_: Tensor,
-              flow_features: tuple[FlowFeatures, FlowFeatures, FlowFeatures] | None = None) -> tuple[Tensor, Tensor]:
+              flow_features: tuple[FlowFeatures, FlowFeatures] | None = None) -> tuple[Tensor, Tensor]:
         """Eq. (8): the neighbours warped onto the current frame, `(I^w_{i-1}, I^w_{i+1})`.
 
         RAFT gives the flow from `I_i` to each neighbour, and backward warping samples the
@@ -392,19 +392,19 @@ class OSDiffVSRNet(nn.Module):
 
         Args:
             prev, current, next_: the frames `(N, 3, h, w)` in [0, 1].
-            flow_features: RAFT's encodings of `(prev, current, next_)` (`self.flow.features`), made once per
-                frame by a stream; None encodes the frames here.
+            flow_features: RAFT's encodings (`self.flow.features`) of the flows' sources `(current, current)` and
+                destinations `(prev, next_)`, from encodings a stream makes once per frame; None encodes the
+                frames here.
         """
         neighbours = torch.cat([prev, next_])
         if flow_features is None:
             flow = self.flow(torch.cat([current, current]), neighbours)
         else:
-            before, middle, after = flow_features
-            flow = self.flow(FlowFeatures.cat([middle, middle]), FlowFeatures.cat([before, after]))
+            flow = self.flow(*flow_features)
         return warp(neighbours, flow).chunk(2)  # Eq. (8), OS-DiffVSR
 
     def fuse(self, prev: Tensor, current: Tensor, next_: Tensor, current_latent: Tensor,
-             flow_features: tuple[FlowFeatures, FlowFeatures, FlowFeatures] | None = None) -> Tensor:
+             flow_features: tuple[FlowFeatures, FlowFeatures] | None = None) -> Tensor:
         """Eqs. (8)-(14): the fused latent `Z^f_i` of frame i from its LR neighbours.
 
         Args:

@@ -155,9 +155,19 @@ class OSDiffVSRUpscaler(VideoUpscaler):
         padded, _ = pad_to_multiple(frame.to(self.device, self.dtype), self.net.size_multiple)
         return self.net.flow.features(padded)
 
+    @staticmethod
+    def flow_pairs(before: FlowFeatures, current: FlowFeatures,
+                   after: FlowFeatures) -> tuple[FlowFeatures, FlowFeatures]:
+        """A window's flows from its frames' encodings: sources `(current, current)`, destinations `(before, after)`.
+
+        Joined outside the window step: fresh tensors each time, where handing a mirrored neighbour's encodings
+        twice to a compiled window would make a graph for the repeated inputs and another for distinct ones.
+        """
+        return FlowFeatures.cat([current, current]), FlowFeatures.cat([before, after])
+
     def upscale_window(self, prev: Tensor, current: Tensor, next_: Tensor, *, fuse: bool = True,
                        prompt_embeds: Tensor | None = None,
-                       flow_features: tuple[FlowFeatures, FlowFeatures, FlowFeatures] | None = None) -> Tensor:
+                       flow_features: tuple[FlowFeatures, FlowFeatures] | None = None) -> Tensor:
         """HR frame `(N, 3, sH, sW)` of `current` `(N, 3, H, W)` given its neighbours; any H, W.
 
         Frames are padded (edge replication) to the network's size multiple and the output is
@@ -169,8 +179,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             next_: `I_{i+1}`.
             fuse: apply multi-frame fusion.
             prompt_embeds: `c_i`, `(1 or N, L, D)`; the stored embedding when None.
-            flow_features: RAFT's encodings of `(prev, current, next_)` (`flow_features`), or None to encode
-                them here.
+            flow_features: RAFT's encodings of `(current, current)` and `(prev, next_)` (`flow_pairs`), or None to
+                encode the frames here.
         """
         net, lr = self.net, current
         window, padding = pad_to_multiple(torch.cat([prev, current, next_]).to(self.device, self.dtype),
@@ -255,12 +265,12 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             if current is not None:
                 before, f_before = (incoming, f_incoming) if prev is None else (prev, f_prev)
                 yield window(before[None], current[None], incoming[None], prompt_embeds=c_current,
-                             flow_features=(f_before, f_current, f_incoming))[0].float()
+                             flow_features=self.flow_pairs(f_before, f_current, f_incoming))[0].float()
             prev, current, c_current, f_prev, f_current = current, incoming, c_incoming, f_current, f_incoming
         if current is not None:
             other, f_other = (current, f_current) if prev is None else (prev, f_prev)
             yield window(other[None], current[None], other[None], prompt_embeds=c_current,
-                         flow_features=(f_other, f_current, f_other))[0].float()
+                         flow_features=self.flow_pairs(f_other, f_current, f_other))[0].float()
 
     def set_prompt_embeds(self, prompt_embeds: Tensor) -> None:
         """Replace the prompt condition `c` by `(1, L, D)` embeddings (see `network.encode_prompt`)."""
