@@ -96,12 +96,10 @@ class StepMemo:
         """Give `module.name` the value `value` while the memo is installed (restored after)."""
         self._settings.append((module, name, value))
 
-    def unit_while_installed(self, module: nn.Module, name: str) -> bool:
-        """Make the scale `module.name` `UNIT` while installed if it is 1 (an exact no-op); returns whether."""
-        if getattr(module, name) != 1:
-            return False
-        self.set_while_installed(module, name, UNIT)
-        return True
+    def unit_while_installed(self, module: nn.Module, name: str) -> None:
+        """Make the scale `module.name` `UNIT` while installed if it is 1 (an exact no-op); other scales stay."""
+        if getattr(module, name) == 1:
+            self.set_while_installed(module, name, UNIT)
 
     @contextlib.contextmanager
     def step(self, key: Hashable) -> Iterator[None]:
