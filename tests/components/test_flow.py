@@ -387,6 +387,29 @@ def test_flows_from_encodings_made_once_are_the_flows_of_the_images(variant: str
     assert (reverse - expected).abs().max() > 1e-2
 
 
+def test_destination_only_features_skip_the_context_encoder() -> None:
+    torch.manual_seed(0)
+    estimator = FlowEstimator("small", pretrained=False, num_flow_updates=2)
+    calls = []
+    estimator.raft.context_encoder.register_forward_hook(lambda *args: calls.append(1))
+    current, previous = torch.rand(2, 1, 3, 32, 48)
+    destination = estimator.features(previous, source=False)
+    assert not calls and destination.hidden is None and destination.context is None and not destination.is_source
+    full = estimator.features(previous)
+    assert len(calls) == 1 and full.is_source and torch.equal(destination.fmap, full.fmap)
+    # As a destination it is the full encodings: the flow to it is the same, to the bit.
+    source = estimator.features(current)
+    assert torch.equal(estimator(source, destination), estimator(source, full))
+    kept = full.destination()  # what a stream keeps of a frame for the next flow
+    assert kept.fmap is full.fmap and not kept.is_source and kept.size == full.size
+    with pytest.raises(ValueError, match="source=False: a flow's source needs its context"):
+        estimator(destination, source)
+    with pytest.raises(ValueError, match="all with or all without context"):
+        FlowFeatures.cat([destination, full])
+    both = FlowFeatures.cat([destination, destination])
+    assert both.fmap.shape[0] == 2 and both.hidden is None
+
+
 def test_flow_features_of_other_sizes_are_refused() -> None:
     estimator = FlowEstimator("small", pretrained=False, num_flow_updates=1)
     small, large = estimator.features(torch.rand(1, 3, 16, 16)), estimator.features(torch.rand(1, 3, 24, 16))

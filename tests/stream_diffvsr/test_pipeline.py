@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import zoo.hub
 import zoo.stream_diffvsr.network as network_module
-from zoo.components.flow import FlowEstimator, published_raft_weights
+from zoo.components.flow import FlowEstimator, FlowFeatures, published_raft_weights
 from zoo.stream_diffvsr.network import StreamDiffVSRConfig, controlnet_config_from_unet, ddim_step, stream_warp
 from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler
 
@@ -60,10 +60,12 @@ def test_session_holds_one_previous_frame_only(upscaler):
     for _ in range(3):
         out = session.push(torch.rand(3, 16, 24))
     assert out.shape == (3, 64, 96)
-    held = {name: value for name, value in vars(session).items() if isinstance(value, torch.Tensor)}
-    assert set(held) == {"prev_lr", "prev_hr"}
-    # multiples of 4 run as they are
-    assert held["prev_lr"].shape == (1, 3, 16, 24) and held["prev_hr"].shape == (1, 3, 64, 96)
+    held = {name: value for name, value in vars(session).items() if isinstance(value, (torch.Tensor, FlowFeatures))}
+    assert set(held) == {"prev_flow", "prev_hr"}
+    # multiples of 4 run as they are; RAFT's encodings of the last frame's bicubic x4 image, for the next flow
+    assert held["prev_hr"].shape == (1, 3, 64, 96)
+    assert held["prev_flow"].fmap.shape[0] == 1 and held["prev_flow"].size == (64, 96)
+    assert not held["prev_flow"].is_source  # the feature map only: the next flow ends at this frame
 
 
 def test_odd_sizes_are_padded_and_cropped(upscaler):

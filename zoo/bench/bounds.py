@@ -59,11 +59,12 @@ def _osdiffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
 
 
 def _stream_diffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> int:
-    """The clip's mean: the first frame runs the denoising steps of the UNet alone and the decoder; every
-    later frame the steps of UNet + ControlNet at LR size (the ControlNet's conditioning embedding of the
-    warped previous output once: it does not change between steps), the temporal encoder on that output,
-    the decoder, and RAFT once at the flow resolution. Each network's step-only values count at its first
-    frame (the UNet's at the first, the ControlNet's at the second)."""
+    """The clip's mean: the first frame runs the denoising steps of the UNet alone, the decoder, and RAFT's
+    feature encoder (the next frame's flow ends at it); every later frame the steps of UNet + ControlNet at LR
+    size (the ControlNet's conditioning embedding of the warped previous output once: it does not change
+    between steps), the temporal encoder on that output, the decoder, RAFT's two encoders on the frame at the
+    flow resolution, and RAFT's refinements from it to the previous frame. Each network's step-only values
+    count at its first frame (the UNet's at the first, the ControlNet's at the second)."""
     net = up.net
     device, dtype = up.device, up.dtype
     channels = net.vae.config.latent_channels
@@ -80,15 +81,19 @@ def _stream_diffvsr(up: VideoUpscaler, height: int, width: int, frames: int) -> 
                 with memo.step(t):
                     net.denoise(latents, lr, t, condition)
 
+    flow_image = hr if up.flow_resolution == "hr" else lr
+
     def first() -> None:
         denoise(None)
         net.vae.decode(latents, None)
+        up.flow.features(flow_image, source=False)
 
     def steady() -> None:
         with net.embedded_condition(hr, dtype) as condition:
             denoise(condition)
         net.vae.decode(latents, net.vae.temporal_features(hr))
-        up.flow(hr, hr) if up.flow_resolution == "hr" else up.flow(lr, lr)
+        current = up.flow.features(flow_image)
+        up.flow(current, current.destination())
 
     return _clip_mean([_count(first), _count(steady), _count(steady)], frames)
 

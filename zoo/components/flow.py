@@ -66,29 +66,41 @@ class FlowFeatures(NamedTuple):
 
     Attributes:
         fmap: the feature encoder's output `(N, C, h, w)` (`h`, `w`: the padded size / 8), for either end.
-        hidden, context: the context encoder's split, the GRU's initial state and its context input, for a source.
+        hidden, context: the context encoder's split, the GRU's initial state and its context input, for a source;
+            None in the encodings of images that are only ever a destination (`features(..., source=False)`).
         height, width: the images' size, before RAFT's padding.
     """
 
     fmap: Tensor
-    hidden: Tensor
-    context: Tensor
+    hidden: Tensor | None
+    context: Tensor | None
     height: int
     width: int
+
+    @property
+    def is_source(self) -> bool:
+        """Whether a flow can start from these images (their context encodings are here)."""
+        return self.hidden is not None
 
     @property
     def size(self) -> tuple[int, int]:
         return self.height, self.width
 
+    def destination(self) -> FlowFeatures:
+        """These encodings without the context, which a flow's destination does not need (less to keep)."""
+        return self._replace(hidden=None, context=None)
+
     def describe(self) -> str:
-        return f"{self.fmap.shape[0]} image(s) of {self.height}x{self.width}"
+        return f"{self.fmap.shape[0]} image(s) of {self.height}x{self.width}{'' if self.is_source else ' (no context)'}"
 
     @staticmethod
     def cat(parts: list[FlowFeatures]) -> FlowFeatures:
         """The features of the images of `parts`, in order, as one batch (all of one size)."""
-        if len({part.size for part in parts}) != 1:
-            raise ValueError(f"features to join must be of one image size, got {[part.describe() for part in parts]}")
-        return FlowFeatures(*(torch.cat(tensors) for tensors in zip(*(part[:3] for part in parts))), *parts[0].size)
+        if len({part.size for part in parts}) != 1 or len({part.is_source for part in parts}) != 1:
+            raise ValueError(f"features to join must be of one image size and all with or all without context, "
+                             f"got {[part.describe() for part in parts]}")
+        fields = (None if tensors[0] is None else torch.cat(tensors) for tensors in zip(*(part[:3] for part in parts)))
+        return FlowFeatures(*fields, *parts[0].size)
 
 
 class FlowEstimator(nn.Module):
@@ -210,19 +222,25 @@ class FlowEstimator(nn.Module):
         return self._crop(flow, *src.shape[-2:])
 
     @torch.no_grad()
-    def features(self, images: Tensor) -> FlowFeatures:
+    def features(self, images: Tensor, *, source: bool = True) -> FlowFeatures:
         """What RAFT computes from each of `images` `(N, 3, H, W)` alone: `self(src_features, dst_features)` is
         then `self(src_images, dst_images)`.
 
         A frame that takes part in several flows (OS-DiffVSR's frames are the source of one window's two flows
-        and the destination of two other windows' flows) is encoded once this way, where `forward` encodes both
-        images of every pair it is given.
+        and the destination of two other windows' flows; a Stream-DiffVSR frame is the source of its own flow
+        and the destination of the next frame's) is encoded once this way, where `forward` encodes both images
+        of every pair it is given.
+
+        Args:
+            images: in `[0, 1]` (`[-1, 1]` if `signed_inputs`).
+            source: also run the context encoder, which only a flow's source needs; `False` for images that are
+                only ever a destination (a stream's first frame), which then have no `hidden` and `context`.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
         prepared = self._prepare(images)
         with self._autocast(prepared.device):
-            hidden, context = self._context(prepared)
+            hidden, context = self._context(prepared) if source else (None, None)
             return FlowFeatures(self.raft.feature_encoder(prepared), hidden, context, *images.shape[-2:])
 
     def _flow_between(self, src: FlowFeatures, dst: FlowFeatures) -> Tensor:
@@ -232,6 +250,8 @@ class FlowEstimator(nn.Module):
         if src.fmap.shape != dst.fmap.shape or src.size != dst.size:
             raise ValueError(f"src and dst features must be of one batch and image size, got {src.describe()} and "
                              f"{dst.describe()}")
+        if not src.is_source:
+            raise ValueError("src features were made with source=False: a flow's source needs its context encodings")
         with self._autocast(src.fmap.device):
             flow = self._refine(src.fmap, dst.fmap, src.hidden, src.context)
         return self._crop(flow, *src.size)

@@ -1,15 +1,16 @@
 """Stream-DiffVSR inference: a strictly causal x4 upscaler that streams frame by frame.
 
-`StreamSession.push(lr)` upscales one frame from the current LR frame, the previous LR frame and
-the previous HR output only; nothing else about the past is kept, so memory is constant in the
-video's length and each output is available after its own input frame.
+`StreamSession.push(lr)` upscales one frame from the current LR frame, the previous LR frame (as
+RAFT encoded it) and the previous HR output only; nothing else about the past is kept, so memory is
+constant in the video's length and each output is available after its own input frame.
 
 Per frame t, as the official pipeline (jamichss/Stream-DiffVSR) computes it:
 1. LR_t is padded (edge replication) to a multiple of the autoencoder's factor 4 only when it is not
    one already, and mapped to [-1, 1];
 2. the flow from frame t to frame t-1: RAFT on LR_t and LR_{t-1} upsampled x4 bicubically (in
    [-1, 1], unclamped), at HR (`flow_resolution="hr"`, the default); or RAFT on the LR frames with
-   the flow resized x4 (`flow_resolution="lr"`, 16x fewer flow pixels);
+   the flow resized x4 (`flow_resolution="lr"`, 16x fewer flow pixels). RAFT encodes each frame once
+   (`flow_input`), as the source of its own flow and, kept by the session, the destination of the next;
 3. the previous raw (unclamped) HR output is warped onto frame t with the checkpoints' sampling
    grid (`stream_warp`); frame 0 has no previous output and runs without ARTG and TPM;
 4. 4-step DDIM from fresh noise (drawn from the stream's generator, seeded with `config.seed`) with
@@ -37,7 +38,7 @@ from diffusers import ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from torch import Tensor
 
-from zoo.components.flow import FlowEstimator, FlowFn, published_raft_weights, resize_flow
+from zoo.components.flow import FlowEstimator, FlowFeatures, FlowFn, published_raft_weights, resize_flow
 from zoo.components.memo import StepMemo, memoise_denoiser
 from zoo.components.prompts import encode_prompt
 from zoo.components.tiling import pad_to_multiple
@@ -63,6 +64,29 @@ ZOO_SETTINGS = ("num_inference_steps", "noise_level", "flow_variant", "flow_pret
 FLOW_RESOLUTIONS = ("hr", "lr")
 
 
+def flow_image(lr: Tensor, scale: int, resolution: str = "hr") -> Tensor:
+    """LR frames `(N, 3, h, w)` in `[-1, 1]` as RAFT sees them for the flow at `resolution` (`flow_to_previous`).
+
+    `"hr"`: upsampled `scale`x bicubically (`align_corners=False`, unclamped), as the official pipeline computes
+    the flow the checkpoints were trained with; `"lr"`: the LR frames as they are.
+    """
+    if resolution == "hr":
+        # Official pipeline: bicubic x4 of the [-1, 1] LR frame, then of_model(current, previous). Its
+        # frames are channels-last (views of diffusers' HWC numpy arrays), and RAFT's convolutions round as
+        # the official ones only in that memory format (1e-5 px apart in the other). The zoo's RAFT update
+        # (`FlowEstimator.update`) rounds its GRU differently again: measured 1.0e-5 px from the official flow.
+        return F.interpolate(lr.contiguous(memory_format=torch.channels_last), scale_factor=scale, mode="bicubic")
+    if resolution == "lr":
+        return lr
+    raise ValueError(f"flow_resolution must be one of {', '.join(FLOW_RESOLUTIONS)}, got {resolution!r}")
+
+
+def hr_flow(flow: Tensor, size: tuple[int, int], resolution: str = "hr") -> Tensor:
+    """A flow computed at `resolution` (`flow_image`) as a flow of HR pixels of `size`: resized with its vectors
+    (`resize_flow`) from `"lr"`, as it is from `"hr"`."""
+    return resize_flow(flow, size) if resolution == "lr" else flow
+
+
 def flow_to_previous(flow: FlowFn, lr: Tensor, prev_lr: Tensor, scale: int, resolution: str = "hr") -> Tensor:
     """Flow `(N, 2, scale * h, scale * w)` in HR pixels from the current frame to the previous one.
 
@@ -71,25 +95,15 @@ def flow_to_previous(flow: FlowFn, lr: Tensor, prev_lr: Tensor, scale: int, reso
         lr: the current LR frames `(N, 3, h, w)` in `[-1, 1]`.
         prev_lr: the previous LR frames, same shape.
         scale: the HR / LR size ratio.
-        resolution: `"hr"`: RAFT on both frames upsampled `scale`x bicubically (`align_corners=False`,
-            unclamped), as the official pipeline computes the flow the checkpoints were trained with;
-            `"lr"`: RAFT on the LR frames, the flow resized `scale`x with its vectors (`resize_flow`).
+        resolution: where RAFT runs (`flow_image`): `"hr"`, on both frames upsampled `scale`x, or `"lr"`, on
+            the LR frames with the flow resized `scale`x.
     """
-    if resolution == "hr":
-        # Official pipeline: bicubic x4 of the [-1, 1] LR frame, then of_model(current, previous). Its
-        # frames are channels-last (views of diffusers' HWC numpy arrays), and RAFT's convolutions round as
-        # the official ones only in that memory format (1e-5 px apart in the other). The zoo's RAFT update
-        # (`FlowEstimator.update`) rounds its GRU differently again: measured 1.0e-5 px from the official flow.
-        frames = torch.cat([lr, prev_lr]).contiguous(memory_format=torch.channels_last)
-        current, previous = F.interpolate(frames, scale_factor=scale, mode="bicubic").chunk(2)
-        return flow(current, previous)
-    if resolution == "lr":
-        return resize_flow(flow(lr, prev_lr), (lr.shape[-2] * scale, lr.shape[-1] * scale))
-    raise ValueError(f"flow_resolution must be one of {', '.join(FLOW_RESOLUTIONS)}, got {resolution!r}")
+    current, previous = flow_image(torch.cat([lr, prev_lr]), scale, resolution).chunk(2)
+    return hr_flow(flow(current, previous), (lr.shape[-2] * scale, lr.shape[-1] * scale), resolution)
 
 
 class StreamSession:
-    """One causal stream: `push(lr_frame) -> hr_frame`, holding only the previous LR/HR pair.
+    """One causal stream: `push(lr_frame) -> hr_frame`, holding only the previous frame, RAFT-encoded, and its output.
 
     The initial noise of every frame is one `(1, 4, h, w)` float32 draw from `generator`, a generator
     of its own seeded with `config.seed`, in frame order. The official `inference.py` draws the same
@@ -103,7 +117,8 @@ class StreamSession:
         upscaler: the upscaler whose networks run.
 
     Attributes:
-        prev_lr: the previous LR frame as the networks saw it, `(1, 3, h, w)` in `[-1, 1]` (padded).
+        prev_flow: the previous frame as the flow sees it (`StreamDiffVSRUpscaler.flow_input`): RAFT's
+            feature map of it (`FlowFeatures.destination`), made when it was the current frame, or its image.
         prev_hr: the previous raw decoder output `(1, 3, 4h, 4w)`, unclamped (it guides the next frame).
         generator: the source of the initial noise.
         memo: the UNet's and ControlNet's per-step constants of this stream (`StepMemo`), used by eager runs.
@@ -111,7 +126,7 @@ class StreamSession:
 
     def __init__(self, upscaler: StreamDiffVSRUpscaler) -> None:
         self.upscaler = upscaler
-        self.prev_lr: Tensor | None = None
+        self.prev_flow: Tensor | FlowFeatures | None = None
         self.prev_hr: Tensor | None = None
         self.generator = torch.Generator(upscaler.device).manual_seed(upscaler.config.seed)
         self.memo = StepMemo()
@@ -121,11 +136,11 @@ class StreamSession:
     @torch.no_grad()
     def push(self, lr_frame: Tensor) -> Tensor:
         """Upscale the next frame `(3, H, W)` in `[0, 1]`; returns `(3, 4H, 4W)` in `[0, 1]`."""
-        check_frame(lr_frame, values=self.prev_lr is None)  # values once per stream: reading them is a host sync
+        check_frame(lr_frame, values=self.prev_hr is None)  # values once per stream: reading them is a host sync
         up = self.upscaler
         frame, padding = pad_to_multiple(lr_frame[None].to(up.device, torch.float32), up.size_multiple)
         lr = frame * 2 - 1
-        if self.prev_lr is not None and self.prev_lr.shape != lr.shape:
+        if self.prev_hr is not None and self.prev_hr.shape[-2:] != (lr.shape[-2] * up.scale, lr.shape[-1] * up.scale):
             raise ValueError(f"every frame of a stream must have one size; got {tuple(lr_frame.shape[-2:])} after "
                              f"frames of another size")
         noise = torch.randn((1, up.net.vae.config.latent_channels, *lr.shape[-2:]), generator=self.generator,
@@ -133,11 +148,12 @@ class StreamSession:
         step = up.compiled("frame", up.frame_step)
         if step == up.frame_step:  # eager: the sampler's per-step constants come from this stream's memo
             with self.memo.installed():
-                hr = step(lr, noise, self.prev_lr, self.prev_hr, self.memo)
+                hr, flow_input = step(lr, noise, self.prev_flow, self.prev_hr, self.memo)
         else:
-            hr = step(lr, noise, self.prev_lr, self.prev_hr)
-        # The next frame is guided by the raw decoder output, as in the official pipeline.
-        self.prev_lr, self.prev_hr = lr, hr
+            hr, flow_input = step(lr, noise, self.prev_flow, self.prev_hr)
+        # The next frame is guided by the raw decoder output, as in the official pipeline, and its flow ends at
+        # this frame's encodings.
+        self.prev_flow, self.prev_hr = flow_input, hr
         out = (hr.float() / 2 + 0.5).clamp(0, 1)
         return up.fix_colors(padding.crop(out, up.scale), lr_frame[None].to(up.device))[0]
 
@@ -191,15 +207,31 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         """
         return self.net.vae.downscale
 
-    def warp_previous(self, prev_hr: Tensor, lr: Tensor, prev_lr: Tensor) -> Tensor:
-        """The previous raw HR output warped onto the current frame (`stream_warp`).
+    def flow_input(self, lr: Tensor, *, source: bool = True) -> Tensor | FlowFeatures:
+        """A frame as `warp_previous` takes it, made once per frame: it is the source of the frame's own flow and
+        the destination of the next frame's.
+
+        With a `FlowEstimator`, RAFT's encodings of the frame's `flow_image` (`FlowEstimator.features`), so each
+        frame is encoded once, not once per flow; with another `FlowFn` (e.g. given flows), the image itself.
+
+        Args:
+            lr: the LR frame `(N, 3, h, w)` in `[-1, 1]`.
+            source: whether a flow will start from the frame (every frame but the first of a stream); without,
+                RAFT's context encoder, which only a source needs, does not run.
+        """
+        image = flow_image(lr, self.scale, self.flow_resolution)
+        return self.flow.features(image, source=source) if isinstance(self.flow, FlowEstimator) else image
+
+    def warp_previous(self, prev_hr: Tensor, current: Tensor | FlowFeatures,
+                      previous: Tensor | FlowFeatures) -> Tensor:
+        """The previous raw HR output warped onto the current frame (`stream_warp`) by the flow from the current
+        frame to the previous one.
 
         Args:
             prev_hr: the previous decoder output `(N, 3, 4h, 4w)`, unclamped.
-            lr: the current LR frame `(N, 3, h, w)` in `[-1, 1]`.
-            prev_lr: the previous LR frame, same shape.
+            current, previous: the current and the previous LR frame as `flow_input` gives them.
         """
-        flow = flow_to_previous(self.flow, lr, prev_lr, self.scale, self.flow_resolution)
+        flow = hr_flow(self.flow(current, previous), prev_hr.shape[-2:], self.flow_resolution)
         return stream_warp(prev_hr, flow)
 
     def channels_last_modules(self) -> list[torch.nn.Module]:
@@ -211,19 +243,24 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
         return [net.unet, net.controlnet, net.controlnet.controlnet_cond_embedding, net.vae.decoder,
                 *self.flow.compile_modules()]
 
-    def frame_step(self, lr: Tensor, noise: Tensor, prev_lr: Tensor | None, prev_hr: Tensor | None,
-                   memo: StepMemo | None = None) -> Tensor:
-        """One frame's networks: the raw HR output `(1, 3, 4h, 4w)` of `lr` (padded, in `[-1, 1]`).
+    def frame_step(self, lr: Tensor, noise: Tensor, prev_flow: Tensor | FlowFeatures | None, prev_hr: Tensor | None,
+                   memo: StepMemo | None = None) -> tuple[Tensor, Tensor | FlowFeatures]:
+        """One frame's networks: the raw HR output `(1, 3, 4h, 4w)` of `lr` (padded, in `[-1, 1]`), and the frame
+        as the next frame's flow takes it (`flow_input`, as a destination: RAFT's feature map without the context,
+        so every later frame's step gets inputs of one structure and a compiled step one graph).
 
         Args:
             lr: the current LR frame `(1, 3, h, w)` in `[-1, 1]`, float32.
             noise: z_T `(1, 4, h, w)`, float32.
-            prev_lr: the previous LR frame, or None for the first frame.
+            prev_flow: the previous frame's `flow_input`, or None for the first frame.
             prev_hr: the previous raw HR output, or None for the first frame (then no ARTG and TPM).
             memo: the stream's installed `StepMemo` (eager runs), or None.
         """
-        warped_prev = None if prev_hr is None else self.warp_previous(prev_hr, lr, prev_lr)
-        return self.net.upscale_frame(lr.to(self.dtype), noise, warped_prev, memo)
+        flow_input = self.flow_input(lr, source=prev_hr is not None)
+        warped_prev = None if prev_hr is None else self.warp_previous(prev_hr, flow_input, prev_flow)
+        if isinstance(flow_input, FlowFeatures):
+            flow_input = flow_input.destination()
+        return self.net.upscale_frame(lr.to(self.dtype), noise, warped_prev, memo), flow_input
 
     def session(self) -> StreamSession:
         """A new causal stream."""
