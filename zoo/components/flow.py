@@ -88,7 +88,8 @@ class FlowFeatures(NamedTuple):
 
     def destination(self) -> FlowFeatures:
         """These encodings without the context, which a flow's destination does not need (less to keep)."""
-        return self._replace(hidden=None, context=None)
+        # Built by the constructor, not `_replace`: dynamo (torch 2.11) cannot return a tuple that `_replace` made.
+        return FlowFeatures(self.fmap, None, None, self.height, self.width)
 
     def describe(self) -> str:
         return f"{self.fmap.shape[0]} image(s) of {self.height}x{self.width}{'' if self.is_source else ' (no context)'}"
