@@ -81,7 +81,7 @@ def flow_image(lr: Tensor, scale: int, resolution: str = "hr") -> Tensor:
     raise ValueError(f"flow_resolution must be one of {', '.join(FLOW_RESOLUTIONS)}, got {resolution!r}")
 
 
-def hr_flow(flow: Tensor, size: tuple[int, int], resolution: str = "hr") -> Tensor:
+def flow_in_hr_pixels(flow: Tensor, size: tuple[int, int], resolution: str = "hr") -> Tensor:
     """A flow computed at `resolution` (`flow_image`) as a flow of HR pixels of `size`: resized with its vectors
     (`resize_flow`) from `"lr"`, as it is from `"hr"`."""
     return resize_flow(flow, size) if resolution == "lr" else flow
@@ -99,7 +99,7 @@ def flow_to_previous(flow: FlowFn, lr: Tensor, prev_lr: Tensor, scale: int, reso
             the LR frames with the flow resized `scale`x.
     """
     current, previous = flow_image(torch.cat([lr, prev_lr]), scale, resolution).chunk(2)
-    return hr_flow(flow(current, previous), (lr.shape[-2] * scale, lr.shape[-1] * scale), resolution)
+    return flow_in_hr_pixels(flow(current, previous), (lr.shape[-2] * scale, lr.shape[-1] * scale), resolution)
 
 
 class StreamSession:
@@ -231,7 +231,7 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
             prev_hr: the previous decoder output `(N, 3, 4h, 4w)`, unclamped.
             current, previous: the current and the previous LR frame as `flow_input` gives them.
         """
-        flow = hr_flow(self.flow(current, previous), prev_hr.shape[-2:], self.flow_resolution)
+        flow = flow_in_hr_pixels(self.flow(current, previous), prev_hr.shape[-2:], self.flow_resolution)
         return stream_warp(prev_hr, flow)
 
     def channels_last_modules(self) -> list[torch.nn.Module]:
