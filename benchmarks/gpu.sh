@@ -3,7 +3,7 @@
 # 17 for OSDEnhancer, which doubles the frame rate: one chunk of each chunked model): eager vs compiled, through
 # `zoo bench --model`. Writes $OUT/gpu.json (every run's record, plus ms per output frame and
 # TFLOP/s over the whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
-# compilation, peak VRAM, TFLOP/s, FLOPs / bound).
+# compilation, peak VRAM measured and as the count estimates it, TFLOP/s, FLOPs / bound).
 #
 # Eager runs also time each module group during their timed pass (`zoo bench --breakdown`).
 #
@@ -13,7 +13,7 @@
 # of the budget; a run past its limit is recorded as "timeout" with the last progress line of its log (build,
 # warm-up, frames timed so far), one the budget leaves no time for as "skipped".
 #
-# FLOPs and launches are not counted here: counting 33 frames of 720p on fake tensors takes minutes of CPU per
+# FLOPs, launches and the memory estimate are not counted here: counting 33 frames of 720p on fake tensors takes minutes of CPU per
 # model, and the count depends on no device, dtype or compilation. Each run reuses $COUNTS/<model>[-<option>].json,
 # written by `zoo bench --model NAME --size full --height 720 --width 1280 --frames 33 (17) --dtype bf16
 # --count-only --json FILE` (with `--option KEY=VALUE` where the run has one); without it the run counts itself.
@@ -112,13 +112,16 @@ def cell(value, fmt):
 # Chunked models (osdenhancer, pssr) yield a whole chunk at once, so the gaps between outputs after the first
 # are ~0 and a per-gap median measures nothing there: ms/frame is the whole timed stream over its output frames
 # (first frame included), and TFLOP/s follows from it. The per-gap median is kept for the per-frame models.
+# The count's memory estimate (weights + the peak of the storages the fake stream made) stands next to the measured
+# peak, so that each GPU run also checks the estimate that `zoo upscale` plans with.
 rows = ["| model | options | run | ms/frame | steady gap median ms | first frame ms | warm-up s (incl. compile) "
-        "| peak VRAM GiB | TFLOP/s | FLOPs / bound |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "| peak VRAM GiB | estimated GiB | TFLOP/s | FLOPs / bound |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for key, r in records.items():
     options = r["options"] if isinstance(r.get("options"), str) else ", ".join(
         f"{k}={v}" for k, v in r.get("options", {}).items())
     if "failed" in r:
-        rows.append(f"| {r['model']} | {options} | {r['run']} | {r['failed']} | | | | | | |")
+        rows.append(f"| {r['model']} | {options} | {r['run']} | {r['failed']} | | | | | | | |")
         continue
     run = key.rsplit("-", 1)[1]
     total_ms = r["first_frame_ms"] + r["ms_per_frame"]["mean"] * (r["frames_out"] - 1)
@@ -126,9 +129,10 @@ for key, r in records.items():
     r["ms_per_output_frame"] = ms
     r["tflops_all_frames"] = r["flops_per_frame"]["total"] / ms / 1e9
     vram = None if r["peak_device_bytes"] is None else r["peak_device_bytes"] / 2**30
+    estimate = (r["weight_bytes"] + r["peak_activation_bytes"]) / 2**30
     rows.append(f"| {r['model']} | {options} | {run} | {cell(ms, '.1f')} | {cell(r['ms_per_frame']['median'], '.1f')} "
                 f"| {cell(r['first_frame_ms'], '.1f')} | {cell(r['warmup_s'], '.1f')} | {cell(vram, '.2f')} "
-                f"| {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
+                f"| {cell(estimate, '.2f')} | {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
 (out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")
 rows += ["", "Where an eager frame's time goes (`--breakdown`: device ms per output frame by module group, over the "
          "timed pass):", "", "| model | options | ms per output frame by group |", "|---|---|---|"]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import zoo.bench.pipeline as bench
 from zoo.cli import zoo_main
@@ -33,6 +34,36 @@ def test_flops_are_split_by_the_module_running_them(toy) -> None:
     assert flops["other"] == flops["total"] - flops["first conv"]
 
 
+def test_the_memory_peak_follows_each_storage_from_its_making_to_its_last_tensor() -> None:
+    host = torch.ones(1000)
+    with torch.no_grad(), FakeTensorMode(), bench.DispatchCounter() as counter:
+        x = torch.zeros(1000)  # 4,000 bytes
+        y = x * 2  # 8,000 live
+        del x  # 4,000
+        v = y.view(10, 100)  # a view: no new storage
+        y.add_(1)  # in place: none
+        z = torch.cat([v, v])  # 12,000 live: the peak
+        del y  # v still holds y's storage
+        assert counter.allocated_bytes == 12_000
+        del v, z
+        torch.zeros(500, dtype=torch.bfloat16)  # 1,000 bytes, freed at once
+        kept = torch.zeros(250, dtype=torch.bfloat16)  # 500 bytes
+        host * 2  # host data, computed outside the fake mode: not device memory
+    assert (counter.peak_bytes, counter.allocated_bytes) == (12_000, 500)
+    del kept
+    assert counter.allocated_bytes == 0
+
+
+def test_a_stream_s_memory_peak_counts_its_live_activations_and_not_its_weights(toy) -> None:
+    upscaler, mode = bench.fake_upscaler("toy", "tiny")  # 3 -> 4 -> 3 channels, x2
+    count = bench.count_stream(upscaler, mode, [torch.rand(3, 4, 4) for _ in range(3)])
+    # A device frame at 8x8 output: its upsampled input (3 channels, float32) is alive while the first
+    # convolution's output and its ReLU (4 channels each) are (the ReLU's input is freed once it returns),
+    # and so is the previous output frame (3 channels), which the consumer holds until the next one comes.
+    assert count.peak_bytes == (3 + 4 + 4 + 3) * 8 * 8 * 4
+    assert bench.weight_bytes(upscaler) == (4 * 3 * 9 + 4 + 3 * 4 * 9 + 3) * 4
+
+
 def test_bench_emits_every_field_as_json(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     zoo_main(["bench", "--model", "stream_diffvsr", "--height", "32", "--width", "48", "--frames", "3",
@@ -43,7 +74,7 @@ def test_bench_emits_every_field_as_json(tmp_path, capsys) -> None:
     for key in ("model", "size", "device", "dtype", "threads", "cores", "load_average", "input", "output",
                 "frames_out", "first_frame_ms", "ms_per_frame", "peak_host_bytes", "flops_per_frame", "tflops",
                 "launches_per_frame", "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound",
-                "compile_seconds"):
+                "compile_seconds", "weight_bytes", "peak_activation_bytes"):
         assert key in base, key
     assert base["compile_seconds"] == {}  # nothing compiled without --compile
     assert base["input"] == [8, 12] and base["output"] == [32, 48] and base["frames_out"] == 3

@@ -7,7 +7,8 @@ config field is switched off) and streams random frames. One run:
    shapes without storage, so a 5B-parameter model at 720p counts in seconds on a CPU), the FLOPs per
    output frame with `torch.utils.flop_counter`, split by module group (VAE encoder, denoiser,
    ControlNet, decoder, flow, ...; `FLOP_GROUPS`), and the operators dispatched per output frame
-   (`DispatchCounter`: kernel launches on a GPU); a host sync in steady state fails the count;
+   (`DispatchCounter`: kernel launches on a GPU), and the stream's peak device memory beyond its weights (an
+   estimate: the storages its operators make, while they live); a host sync in steady state fails the count;
 2. warms up, then times the stream frame by frame with device synchronisation: first-frame latency,
    ms per output frame (median, p10, p90), achieved TFLOP/s;
 3. reads peak device memory (CUDA) and peak host memory (RSS);
@@ -26,6 +27,7 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from zoo.components.upscaler import VideoUpscaler, check_variant
 from zoo.hub import upscaler_class
@@ -259,15 +262,26 @@ class DispatchCounter(TorchDispatchMode):
     while reading a fake tensor's value raises `HostSyncError`. `.cpu()` of a fake CPU tensor dispatches
     nothing and goes unseen.
 
+    It also follows the device memory the run allocates: each new storage that a fake operator's output holds
+    counts its bytes from its making until its last tensor is freed (a finaliser on the storage). Views and
+    in-place operators make none; weights and inputs made before the run are not counted. The peak is a lower
+    estimate of a GPU's: the caching allocator's rounding and fragmentation, cuDNN's workspaces and the CUDA
+    context come on top.
+
     Attributes:
         launches: operators dispatched that launch a kernel.
         views: operators dispatched that launch none (views, untracked reshapes, allocations).
+        allocated_bytes: bytes of the device storages made in the run that are still alive.
+        peak_bytes: the most `allocated_bytes` has been.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.launches = 0
         self.views = 0
+        self.allocated_bytes = 0
+        self.peak_bytes = 0
+        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -282,7 +296,24 @@ class DispatchCounter(TorchDispatchMode):
                 return func(*args, **kwargs)
         if func in HOST_SYNC_OPS:
             raise HostSyncError(f"{func} reads a device tensor's values on the host (a host sync)")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not any(ret.alias_info is not None for ret in func._schema.returns):  # views and in-place ops make none
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, FakeTensor):
+                    self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        if storage in self._storages:  # an output that shares an earlier output's storage (`_unsafe_view`)
+            return
+        size = storage.nbytes()
+        self._storages[storage] = size
+        self.allocated_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.allocated_bytes -= size
 
 
 @dataclasses.dataclass
@@ -295,6 +326,8 @@ class StreamCount:
         views: operators dispatched that launch none (views, untracked reshapes, allocations).
         frames_out: output frames.
         seconds: wall time of the count itself.
+        peak_bytes: the most device memory the stream held beyond its weights and inputs (`DispatchCounter`),
+            with each output frame freed as it is yielded.
     """
 
     flops: dict[str, int]
@@ -302,6 +335,7 @@ class StreamCount:
     views: int
     frames_out: int
     seconds: float
+    peak_bytes: int = 0
 
 
 def count_stream(upscaler: VideoUpscaler, mode: FakeTensorMode, frames: list[Tensor]) -> StreamCount:
@@ -317,7 +351,16 @@ def count_stream(upscaler: VideoUpscaler, mode: FakeTensorMode, frames: list[Ten
     with torch.no_grad(), mode, flops, counter:
         frames_out = sum(1 for _ in upscaler.stream(iter(device_frames)))
     return StreamCount({**flops.by_group, "total": flops.get_total_flops()}, counter.launches, counter.views,
-                       frames_out, time.perf_counter() - start)
+                       frames_out, time.perf_counter() - start, counter.peak_bytes)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters and buffers, each storage once."""
+    storages = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        storage = tensor.untyped_storage()
+        storages[id(storage)] = storage  # held, so that no id is reused while counting
+    return sum(storage.nbytes() for storage in storages.values())
 
 
 def random_frames(count: int, height: int, width: int, seed: int = 1) -> Iterator[Tensor]:
@@ -378,7 +421,8 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
 
     Returns:
         A flat record: configuration, the count (`flops_per_frame` by group, `launches_per_frame`,
-        `views_per_frame`, `count_s`, `bound_flops_per_frame` / `ratio_to_bound`) and, when timed,
+        `views_per_frame`, `count_s`, `bound_flops_per_frame` / `ratio_to_bound`, `weight_bytes` and the
+        estimated `peak_activation_bytes` beyond them) and, when timed,
         `first_frame_ms`, `ms_per_frame` {median, p10, p90, mean}, peak memory and `tflops`.
     """
     if breakdown and compile:
@@ -414,7 +458,8 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
 
 
 COUNT_KEYS = ("input", "output", "frames_in", "frames_out", "flops_per_frame", "launches_per_frame",
-              "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound")
+              "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound", "weight_bytes",
+              "peak_activation_bytes")
 """The fields of a `bench_pipeline` record that its count gives (the rest: the run's settings and timings)."""
 
 
@@ -441,6 +486,7 @@ def _count(model: str, size: str, height: int, width: int, frames: int, dtype: s
         "flops_per_frame": per_frame, "launches_per_frame": count.launches / count.frames_out,
         "views_per_frame": count.views / count.frames_out, "count_s": count.seconds,
         "bound_flops_per_frame": bound, "ratio_to_bound": per_frame["total"] / bound if bound else None,
+        "weight_bytes": weight_bytes(fake), "peak_activation_bytes": count.peak_bytes,
     }
 
 
