@@ -185,6 +185,36 @@ def test_frames_of_different_sizes_are_refused(tiny_upscaler) -> None:
         list(tiny_upscaler.stream([]))
 
 
+def test_untiled_frames_over_the_vae_s_pixel_limit_are_refused_before_any_network_runs(tiny_upscaler,
+                                                                                      monkeypatch) -> None:
+    # 3 LR frames of 6x7 at x4, x2 in time: 5 output frames of 24x28, padded to 9 frames (3 latents) of 32x32.
+    asked = []
+
+    def limit(latent_frames: int) -> int:
+        asked.append(latent_frames)
+        return pixels
+
+    monkeypatch.setattr(tiny_upscaler.net.vae, "untiled_pixel_limit", limit)
+    monkeypatch.setattr(tiny_upscaler.net, "upscale_clip", lambda *args: pytest.fail("a network ran"))
+    tiny_upscaler.configure(vae_tiling=False)
+    try:
+        pixels = 32 * 32 - 1
+        with pytest.raises(ValueError, match=r"^vae_tiling=False cannot run 32x32 output frames \(padded to "
+                                             r"multiples of 16\): the untiled CogVideoX VAE decodes at most 1,023 "
+                                             r"pixels per frame here, not 1,024; use vae_tiling=True$"):
+            list(tiny_upscaler.stream(_frames(3, 6, 7)))
+        assert asked == [3]
+        pixels = 32 * 32  # at the limit: the networks run
+        with pytest.raises(pytest.fail.Exception, match="a network ran"):
+            list(tiny_upscaler.stream(_frames(3, 6, 7)))
+        tiny_upscaler.configure(vae_tiling=True)  # tiles: no limit asked
+        with pytest.raises(pytest.fail.Exception, match="a network ran"):
+            list(tiny_upscaler.stream(_frames(3, 6, 7)))
+        assert asked == [3, 3]
+    finally:
+        tiny_upscaler.configure(vae_tiling=True)
+
+
 def test_noise_comes_from_the_generator_or_the_seed_option(tiny_upscaler) -> None:
     frames = _frames(2, 8, 8)
     default = tiny_upscaler(frames)

@@ -839,6 +839,34 @@ class OSDEnhancerVAE(AutoencoderKLCogVideoX):
             norm_eps=norm_eps, norm_num_groups=norm_num_groups, temporal_compression_ratio=temporal_compression_ratio,
         )
 
+    def untiled_pixel_limit(self, latent_frames: int) -> int:
+        """The most pixels per frame that this VAE decodes untiled in a clip of `latent_frames` latent frames.
+
+        diffusers' `CogVideoXSafeConv3d` splits a convolution's input along time into `int(G / 2) + 1` parts once
+        it holds G > 2 GiB at 2 bytes per value (whatever the dtype), and a part shorter than the kernel fails
+        inside torch ("Kernel size can't be greater than actual input size"): at 1088x1920 the decoder fails so.
+        The widest convolutions at full resolution are the last up block's first ones (256 channels in
+        CogVideoX1.5); each runs on one frame batch (`num_latent_frames_batch_size` latents, the first batch with
+        the remainder) upsampled in time, plus the causal kernel's padding. The encoder's full-resolution
+        convolutions (128 channels, at most 11 frames with padding) allow more pixels.
+        """
+        conv = self.decoder.up_blocks[-1].resnets[0].conv1.conv
+        channels, kernel = conv.in_channels, conv.kernel_size[0]
+        batch = self.num_latent_frames_batch_size
+        batches = {batch + latent_frames % batch, batch} if latent_frames >= 2 * batch else {max(latent_frames, 1)}
+        limit = None
+        for frames in batches:
+            for block in self.decoder.up_blocks:  # time doubles at each compressing upsampler, the first frame kept
+                upsampler = block.upsamplers[0] if block.upsamplers else None
+                if upsampler is not None and upsampler.compress_time and frames > 1:
+                    frames = 2 * frames - 1 if frames % 2 else 2 * frames
+            padded = frames + kernel - 1
+            parts = max(p for p in range(1, padded + 1) if -(-padded // p) >= kernel)  # ceil(T / p) >= kernel
+            # int(G / 2) + 1 <= parts  <=>  G < 2 * parts, with G = channels * padded * pixels * 2 / 2**30.
+            pixels = (parts * 2**30 - 1) // (channels * padded)
+            limit = pixels if limit is None else min(limit, pixels)
+        return limit
+
 
 # Everything together ------------------------------------------------------------------------
 

@@ -110,7 +110,10 @@ class OSDEnhancerUpscaler(VideoUpscaler):
             blended, and differ from one untiled pass above 240x360 output pixels). Off, the VAE runs whole
             frames: at 720p output the tiles made it encode and decode 20 tiles of 86,400 pixels for 921,600
             (69.3 TFLOP per output frame against 50.3 untiled, counted with `zoo bench`); turn it off where
-            speed matters more than the official output and the untiled VAE fits in memory.
+            speed matters more than the official output and the untiled VAE fits in memory. Untiled, the VAE
+            holds far more: 45.7 GiB beyond the weights at 720p output in bfloat16 against 6.0 GiB tiled (the
+            `zoo bench` count's estimate), and it decodes at most about 1.68 megapixels per frame
+            (`OSDEnhancerVAE.untiled_pixel_limit`: 1088x1920 is refused).
 
     Args:
         config: the network config (`OSDEnhancerConfig.tiny()` / `.full()` or loaded).
@@ -230,6 +233,14 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         video = pad_frames(torch.stack([item[0] for item in items]), padded)
         residual = pad_frames(torch.stack([item[1] for item in items]), padded)
         dtype = self.net.vae.dtype
+        if not self.vae_tiling:
+            height, width = video.shape[-2:]
+            latent_frames = (padded - 1) // int(self.net.vae.config.temporal_compression_ratio) + 1
+            limit = self.net.vae.untiled_pixel_limit(latent_frames)
+            if height * width > limit:
+                raise ValueError(f"vae_tiling=False cannot run {width}x{height} output frames (padded to multiples "
+                                 f"of {SIZE_MULTIPLE}): the untiled CogVideoX VAE decodes at most {limit:,} pixels "
+                                 f"per frame here, not {height * width:,}; use vae_tiling=True")
         self.net.vae.use_tiling = self.vae_tiling  # the option as configured now, for this chunk's encode and decode
         decoded = self.compiled("chunk", self.net.upscale_clip)(video.transpose(0, 1)[None].to(dtype),
                                                                 residual.transpose(0, 1)[None].to(dtype), generator)
