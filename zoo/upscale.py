@@ -65,6 +65,7 @@ OPTION_FLAGS = {
     "color_fix": ("--color-fix", "colour fix"),
     "seed": ("--seed", "seed (it draws no noise)"),
     "compile": ("--compile", "graph capture"),
+    "vae_tiling": ("--vae-tiling", "VAE tiles"),
 }
 
 
@@ -755,6 +756,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     options.add_argument("--compile-scope", type=_compile_scope, dest="compile_scope",
                          help="with --compile: networks (default) or step (each whole per-frame or per-chunk "
                               "step in one graph)")
+    options.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction,
+                         help="run the VAE on its official overlapping tiles, or (--no-vae-tiling) on whole frames "
+                              "(default: whole frames where they fit the free memory)")
     out = p.add_argument_group("input and output")
     out.add_argument("--start", help="skip this much of each input: seconds or [HH:]MM:SS[.fff]")
     out.add_argument("--duration", help="upscale this much from --start: seconds or [HH:]MM:SS[.fff]")

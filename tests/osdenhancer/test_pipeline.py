@@ -215,6 +215,68 @@ def test_untiled_frames_over_the_vae_s_pixel_limit_are_refused_before_any_networ
         tiny_upscaler.configure(vae_tiling=True)
 
 
+def test_memory_estimate_is_the_fitted_vae_and_chunk_terms_at_the_padded_output_size() -> None:
+    from zoo.osdenhancer.pipeline import CHUNK_BYTES_PER_PIXEL_FRAME, TILED_VAE_BYTES, UNTILED_VAE_BYTES
+
+    up = zoo.load("osdenhancer", pretrained=False, variant="tiny", chunk=33, vae_tiling=False)
+    assert up.dtype == torch.float32
+    pixels = 720 * 1280
+    untiled = UNTILED_VAE_BYTES[0] + UNTILED_VAE_BYTES[1] * pixels + CHUNK_BYTES_PER_PIXEL_FRAME * pixels * 33
+    assert up.estimate_memory(180, 320) == int(2 * untiled)  # float32: twice bfloat16's bytes
+    assert up.to(torch.bfloat16).estimate_memory(180, 320) == int(untiled)
+    assert up.configure(vae_tiling=True).estimate_memory(180, 320) == int(
+        TILED_VAE_BYTES + CHUNK_BYTES_PER_PIXEL_FRAME * pixels * 33)
+    # x3 of 100x101: 300x303, run at 304x304 (multiples of 16); 9 frames per chunk.
+    assert up.configure(scale=3, chunk=9).padded_output_size(100, 101) == (304, 304)
+    assert up.estimate_memory(100, 101) == int(TILED_VAE_BYTES + CHUNK_BYTES_PER_PIXEL_FRAME * 304 * 304 * 9)
+    assert up.configure(chunk=None).estimate_memory(100, 101) is None  # grows with the clip
+
+
+def test_default_options_run_the_vae_untiled_where_it_fits_the_memory_and_its_pixel_limit(monkeypatch) -> None:
+    from zoo.components.upscaler import MEMORY_HEADROOM
+
+    up = zoo.load("osdenhancer", pretrained=False, variant="tiny", dtype=torch.bfloat16, chunk=33)
+    untiled = up.configure(vae_tiling=False).estimate_memory(180, 320)
+    up.configure(vae_tiling=True)
+    enough = int(untiled / MEMORY_HEADROOM) + 1
+    assert up.default_options(180, 320, enough) == {"vae_tiling": False}
+    assert up.default_options(180, 320, enough - 2) == {"vae_tiling": True}
+    assert up.vae_tiling  # the option as it was
+    asked = []
+
+    def limit(latent_frames: int) -> int:
+        asked.append(latent_frames)
+        return 720 * 1280 - 1
+
+    monkeypatch.setattr(up.net.vae, "untiled_pixel_limit", limit)
+    assert up.default_options(180, 320, 10 * enough) == {"vae_tiling": True}  # over the VAE's pixel limit
+    assert asked == [9]  # 33 frames: 9 latent frames
+    assert up.configure(chunk=None).default_options(180, 320, 10 * enough) == {}
+
+
+def test_zoo_upscale_runs_the_vae_untiled_when_the_free_memory_holds_it(tmp_path: Path, monkeypatch, caplog,
+                                                                           capsys) -> None:
+    import zoo.upscale as upscale_module
+
+    write_video(tmp_path / "in.mp4", _frames(3, 16, 16), fps=8)
+    for free, tiling in ((2**40, False), (2**20, True)):
+        monkeypatch.setattr(upscale_module, "free_memory", lambda device, free=free: free)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="zoo.upscale"):
+            report = zoo.upscale_video(tmp_path / "in.mp4", tmp_path / f"{free}.mp4", model="osdenhancer",
+                                       pretrained=False, variant="tiny", device="cpu")
+        assert report.options["vae_tiling"] is tiling and report.frames_out == 5
+        assert f"vae_tiling={tiling} (fits the free memory)" in caplog.text
+        assert ("may run out of memory" in caplog.text) is tiling  # 1 MiB holds no chunk, tiled or not
+    from zoo.cli import zoo_main
+
+    monkeypatch.setattr(upscale_module, "free_memory", lambda device: 2**40)
+    capsys.readouterr()
+    zoo_main(["upscale", str(tmp_path / "in.mp4"), str(tmp_path / "cli.mp4"), "--model", "osdenhancer",
+              "--random-weights", "--variant", "tiny", "--device", "cpu", "--vae-tiling"])
+    assert "vae_tiling=True (set)" in capsys.readouterr().err
+
+
 def test_noise_comes_from_the_generator_or_the_seed_option(tiny_upscaler) -> None:
     frames = _frames(2, 8, 8)
     default = tiny_upscaler(frames)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from zoo.components.tiling import Padding, pad_frames, pad_to_multiple, valid_length
 from zoo.components.upscaler import (
+    MEMORY_HEADROOM,
     VideoUpscaler,
     check_frame,
     check_frames,
@@ -64,6 +65,17 @@ TRANSFORMER_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 EXPERT_KEYS = ("tr_rank", "tr_alpha", "se_rank", "se_alpha")
 ZOO_SETTINGS = ("timestep",)
 SIZE_MULTIPLE = 16
+# Peak bytes beyond the weights of one chunk in bfloat16, as `zoo bench --count-only` estimates them over the full
+# network's stream() on fake tensors (`zoo.bench.pipeline.DispatchCounter`), at output sizes 360x640 to 1088x1920
+# and chunks of 17 or 33 output frames. Untiled: 11.69 GiB at 360x640 and 45.74 GiB at 720x1280 (33 frames),
+# 57.26 at 816x1440, 71.11 at 912x1600, 80.09 at 960x1712 and 67.36 at 720x1920 (17 frames). Tiled (tiles of
+# 240x360 pixels): 4.48 GiB at 480x720, 4.51 at 504x736, 5.09 at 720x1280 and 6.34 at 1088x1920 (17 frames),
+# 6.01 at 720x1280 (33 frames). Fitted, within 2.2% of each (0.5% from 480x720 up): every chunk holds 67 bytes
+# per output pixel and frame (videos, latents, the transformer's tokens); the VAE adds 0.37 GB + 50,680 bytes
+# per output pixel untiled, 4.11 GiB tiled.
+CHUNK_BYTES_PER_PIXEL_FRAME = 67
+UNTILED_VAE_BYTES = (0.37e9, 50_680)
+TILED_VAE_BYTES = 4.11 * 2**30
 """Frames are padded to multiples of 16: the VAE's 8x times the transformer's 2x2 patches."""
 OVERLAP_MODES = ("blend", "drop")
 
@@ -106,7 +118,8 @@ class OSDEnhancerUpscaler(VideoUpscaler):
             length) in one graph (see `VideoUpscaler.compiled`). Its VAE stays in the default memory
             format: its convolutions are 3-D and causal in time, with frames concatenated per call.
         vae_tiling: run the VAE on its own overlapping spatial tiles, as the official pipeline does. On by
-            default, so the official weights give the official output at every frame size (the tiles are
+            default (`zoo upscale` turns it off where the untiled VAE fits the free memory: `default_options`),
+            so the official weights give the official output at every frame size (the tiles are
             blended, and differ from one untiled pass above 240x360 output pixels). Off, the VAE runs whole
             frames: at 720p output the tiles made it encode and decode 20 tiles of 86,400 pixels for 921,600
             (69.3 TFLOP per output frame against 50.3 untiled, counted with `zoo bench`); turn it off where
@@ -132,6 +145,44 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         self.net = OSDEnhancerNet(config) if net is None else net
         # As the official pipeline: per-sample slices bound the VAE's memory (its tiles are the `vae_tiling` option).
         self.net.vae.enable_slicing()
+
+    def padded_output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The frame size the networks run at for `height x width` LR frames: scaled, padded to `SIZE_MULTIPLE`."""
+        return tuple(-(-math.floor(side * self.scale) // SIZE_MULTIPLE) * SIZE_MULTIPLE for side in (height, width))
+
+    def estimate_memory(self, height: int, width: int) -> int | None:
+        """Peak bytes beyond the weights of one chunk on `height x width` LR frames with the current options.
+
+        From `zoo bench`'s fake-tensor estimates (`UNTILED_VAE_BYTES`, `TILED_VAE_BYTES`,
+        `CHUNK_BYTES_PER_PIXEL_FRAME`); None with `chunk=None`, whose memory grows with the clip.
+        """
+        if self.chunk is None:
+            return None
+        out_h, out_w = self.padded_output_size(height, width)
+        pixels = out_h * out_w
+        vae = TILED_VAE_BYTES if self.vae_tiling else UNTILED_VAE_BYTES[0] + UNTILED_VAE_BYTES[1] * pixels
+        bf16_bytes = vae + CHUNK_BYTES_PER_PIXEL_FRAME * pixels * self.chunk
+        return int(bf16_bytes * (torch.finfo(self.dtype).bits // 8) / 2)
+
+    def default_options(self, height: int, width: int, free_bytes: int) -> dict[str, Any]:
+        """The untiled VAE (26% fewer FLOPs at 720p output) where it fits `MEMORY_HEADROOM` of `free_bytes` and the
+        VAE's pixel limit (`OSDEnhancerVAE.untiled_pixel_limit`), else the official tiles.
+
+        At 720p output in bfloat16 an untiled chunk of 33 frames needs about 46 GiB beyond the weights: an 80 GB
+        GPU runs it untiled, a 48 GB one tiled.
+        """
+        if self.chunk is None:
+            return {}
+        out_h, out_w = self.padded_output_size(height, width)
+        latent_frames = (self.chunk - 1) // int(self.net.vae.config.temporal_compression_ratio) + 1
+        current = self.vae_tiling
+        try:
+            self.vae_tiling = False
+            fits = (out_h * out_w <= self.net.vae.untiled_pixel_limit(latent_frames)
+                    and self.estimate_memory(height, width) <= free_bytes * MEMORY_HEADROOM)
+        finally:
+            self.vae_tiling = current
+        return {"vae_tiling": not fits}
 
     def compile_modules(self) -> list[torch.nn.Module]:
         net = self.net
