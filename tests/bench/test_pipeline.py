@@ -54,6 +54,26 @@ def test_the_memory_peak_follows_each_storage_from_its_making_to_its_last_tensor
     assert counter.allocated_bytes == 0
 
 
+def test_roofline_time_is_each_operator_s_flops_or_bytes_at_the_gpu_s_peaks() -> None:
+    gpu = bench.Roofline("test", flops_16bit=1e15, flops_32bit=1e12, bandwidth=1e12)
+    with torch.no_grad(), FakeTensorMode(), bench.DispatchCounter(gpu) as counter:
+        x = torch.zeros(1000)  # writes 4,000 bytes
+        y = x * 2  # reads 4,000, writes 4,000
+        y.view(10, 100)  # a view: no kernel, no bytes
+        one = torch.ones(1)  # 4 bytes
+        y + one.expand(1000)  # the expanded operand is one float: 4,000 + 4 + 4,000
+        a, b = torch.zeros(64, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bfloat16)  # 8,192 each
+        a @ b  # 2 * 64**3 FLOPs at the 16-bit rate, or 3 * 8,192 bytes
+        a.float() @ b.float()  # two casts (8,192 + 16,384 bytes each), then FLOPs at the 32-bit rate
+    moved = [4_000, 8_000, 4, 8_004, 8_192, 8_192, 3 * 8_192, 24_576, 24_576, 3 * 16_384]
+    assert counter.bytes_moved == sum(moved)
+    flops = 2 * 64**3
+    expected = (sum(moved[:6]) + 2 * 24_576) / 1e12 + max(flops / 1e15, 3 * 8_192 / 1e12) + max(
+        flops / 1e12, 3 * 16_384 / 1e12)
+    assert counter.roofline_s == pytest.approx(expected, rel=1e-12)
+    assert flops / 1e15 < 3 * 8_192 / 1e12 and flops / 1e12 > 3 * 16_384 / 1e12  # bytes bound one, FLOPs the other
+
+
 def test_a_stream_s_memory_peak_counts_its_live_activations_and_not_its_weights(toy) -> None:
     upscaler, mode = bench.fake_upscaler("toy", "tiny")  # 3 -> 4 -> 3 channels, x2
     count = bench.count_stream(upscaler, mode, [torch.rand(3, 4, 4) for _ in range(3)])
@@ -74,7 +94,8 @@ def test_bench_emits_every_field_as_json(tmp_path, capsys) -> None:
     for key in ("model", "size", "device", "dtype", "threads", "cores", "load_average", "input", "output",
                 "frames_out", "first_frame_ms", "ms_per_frame", "peak_host_bytes", "flops_per_frame", "tflops",
                 "launches_per_frame", "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound",
-                "compile_seconds", "weight_bytes", "peak_activation_bytes"):
+                "compile_seconds", "weight_bytes", "peak_activation_bytes", "bytes_moved_per_frame",
+                "roofline_ms_per_frame", "roofline"):
         assert key in base, key
     assert base["compile_seconds"] == {}  # nothing compiled without --compile
     assert base["input"] == [8, 12] and base["output"] == [32, 48] and base["frames_out"] == 3

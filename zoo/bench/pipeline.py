@@ -7,8 +7,9 @@ config field is switched off) and streams random frames. One run:
    shapes without storage, so a 5B-parameter model at 720p counts in seconds on a CPU), the FLOPs per
    output frame with `torch.utils.flop_counter`, split by module group (VAE encoder, denoiser,
    ControlNet, decoder, flow, ...; `FLOP_GROUPS`), and the operators dispatched per output frame
-   (`DispatchCounter`: kernel launches on a GPU), and the stream's peak device memory beyond its weights (an
-   estimate: the storages its operators make, while they live); a host sync in steady state fails the count;
+   (`DispatchCounter`: kernel launches on a GPU), the stream's peak device memory beyond its weights (an
+   estimate: the storages its operators make, while they live), the bytes its operators move and its roofline
+   time on an H200 (`Roofline`: a lower bound on eager time there); a host sync in steady state fails the count;
 2. warms up, then times the stream frame by frame with device synchronisation: first-frame latency,
    ms per output frame (median, p10, p90), achieved TFLOP/s;
 3. reads peak device memory (CUDA) and peak host memory (RSS);
@@ -36,7 +37,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from zoo.components.upscaler import VideoUpscaler, check_variant
@@ -252,6 +253,37 @@ def launches_no_kernel(func: torch._ops.OpOverload) -> bool:
     return any(ret.alias_info is not None and not ret.alias_info.is_write for ret in func._schema.returns)
 
 
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """A GPU's peaks, for the roofline time of a counted run (`DispatchCounter.roofline_s`).
+
+    Each launched operator takes at least its FLOPs over the peak rate of its dtype and its bytes (read and
+    written) over the memory bandwidth, whichever is longer: perfect kernels, no launch overhead, no overlap
+    between operators. The sum is a lower bound on an eager run's time on that GPU; fusing operators (compiling)
+    is what moves fewer bytes.
+
+    Attributes:
+        name: the GPU and where its peaks come from.
+        flops_16bit: dense bf16/fp16 tensor-core FLOP/s.
+        flops_32bit: dense TF32 tensor-core FLOP/s (float32 matmuls and convolutions run TF32 on CUDA here).
+        bandwidth: memory bytes per second.
+    """
+
+    name: str
+    flops_16bit: float
+    flops_32bit: float
+    bandwidth: float
+
+
+H200 = Roofline("NVIDIA H200 SXM (datasheet: 989 TFLOP/s dense bf16, 495 TF32, 4.8 TB/s HBM3e)",
+                989.4e12, 494.7e12, 4.8e12)
+
+
+def _tensor_bytes(tensor: Tensor) -> int:
+    """Bytes an operator touches in `tensor`: its elements, or its storage where that is smaller (broadcasts)."""
+    return min(tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes())
+
+
 class DispatchCounter(TorchDispatchMode):
     """Counts the aten operators a run dispatches and fails on a host sync of a device tensor.
 
@@ -268,19 +300,27 @@ class DispatchCounter(TorchDispatchMode):
     estimate of a GPU's: the caching allocator's rounding and fragmentation, cuDNN's workspaces and the CUDA
     context come on top.
 
+    And it adds up each launched operator's traffic on device tensors (the bytes of its inputs and outputs)
+    and its roofline time on `roofline` (`Roofline`).
+
     Attributes:
         launches: operators dispatched that launch a kernel.
         views: operators dispatched that launch none (views, untracked reshapes, allocations).
         allocated_bytes: bytes of the device storages made in the run that are still alive.
         peak_bytes: the most `allocated_bytes` has been.
+        bytes_moved: bytes the launched operators on device tensors read and wrote.
+        roofline_s: their roofline time on `roofline`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, roofline: Roofline = H200) -> None:
         super().__init__()
         self.launches = 0
         self.views = 0
         self.allocated_bytes = 0
         self.peak_bytes = 0
+        self.bytes_moved = 0
+        self.roofline_s = 0.0
+        self.roofline = roofline
         self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -301,7 +341,20 @@ class DispatchCounter(TorchDispatchMode):
             for tensor in tree_leaves(out):
                 if isinstance(tensor, FakeTensor):
                     self._track(tensor.untyped_storage())
+        if func.namespace == "aten" and not launches_no_kernel(func):
+            self._add_roofline(func, args, kwargs, out, tensors)
         return out
+
+    def _add_roofline(self, func: Any, args: Any, kwargs: Any, out: Any, inputs: list[Tensor]) -> None:
+        touched = {id(t): t for t in (*inputs, *tree_leaves(out)) if isinstance(t, FakeTensor)}
+        moved = sum(_tensor_bytes(t) for t in touched.values())
+        flops = 0
+        if func._overloadpacket in flop_registry:
+            flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        wide = any(t.dtype == torch.float32 for t in inputs)  # float32 matmuls: TF32
+        rate = self.roofline.flops_32bit if wide else self.roofline.flops_16bit
+        self.bytes_moved += moved
+        self.roofline_s += max(flops / rate, moved / self.roofline.bandwidth)
 
     def _track(self, storage: torch.UntypedStorage) -> None:
         if storage in self._storages:  # an output that shares an earlier output's storage (`_unsafe_view`)
@@ -328,6 +381,8 @@ class StreamCount:
         seconds: wall time of the count itself.
         peak_bytes: the most device memory the stream held beyond its weights and inputs (`DispatchCounter`),
             with each output frame freed as it is yielded.
+        bytes_moved: bytes its launched operators read and wrote on the device.
+        roofline_s: its roofline time on an H200 (`Roofline`): a lower bound on an eager run's time there.
     """
 
     flops: dict[str, int]
@@ -336,6 +391,8 @@ class StreamCount:
     frames_out: int
     seconds: float
     peak_bytes: int = 0
+    bytes_moved: int = 0
+    roofline_s: float = 0.0
 
 
 def count_stream(upscaler: VideoUpscaler, mode: FakeTensorMode, frames: list[Tensor]) -> StreamCount:
@@ -351,7 +408,8 @@ def count_stream(upscaler: VideoUpscaler, mode: FakeTensorMode, frames: list[Ten
     with torch.no_grad(), mode, flops, counter:
         frames_out = sum(1 for _ in upscaler.stream(iter(device_frames)))
     return StreamCount({**flops.by_group, "total": flops.get_total_flops()}, counter.launches, counter.views,
-                       frames_out, time.perf_counter() - start, counter.peak_bytes)
+                       frames_out, time.perf_counter() - start, counter.peak_bytes, counter.bytes_moved,
+                       counter.roofline_s)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -422,7 +480,8 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
     Returns:
         A flat record: configuration, the count (`flops_per_frame` by group, `launches_per_frame`,
         `views_per_frame`, `count_s`, `bound_flops_per_frame` / `ratio_to_bound`, `weight_bytes` and the
-        estimated `peak_activation_bytes` beyond them) and, when timed,
+        estimated `peak_activation_bytes` beyond them, `bytes_moved_per_frame` and `roofline_ms_per_frame`: the
+        eager stream's lower bound on an H200, `Roofline`) and, when timed,
         `first_frame_ms`, `ms_per_frame` {median, p10, p90, mean}, peak memory and `tflops`.
     """
     if breakdown and compile:
@@ -459,7 +518,7 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
 
 COUNT_KEYS = ("input", "output", "frames_in", "frames_out", "flops_per_frame", "launches_per_frame",
               "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound", "weight_bytes",
-              "peak_activation_bytes")
+              "peak_activation_bytes", "bytes_moved_per_frame", "roofline_ms_per_frame", "roofline")
 """The fields of a `bench_pipeline` record that its count gives (the rest: the run's settings and timings)."""
 
 
@@ -487,6 +546,8 @@ def _count(model: str, size: str, height: int, width: int, frames: int, dtype: s
         "views_per_frame": count.views / count.frames_out, "count_s": count.seconds,
         "bound_flops_per_frame": bound, "ratio_to_bound": per_frame["total"] / bound if bound else None,
         "weight_bytes": weight_bytes(fake), "peak_activation_bytes": count.peak_bytes,
+        "bytes_moved_per_frame": count.bytes_moved / count.frames_out,
+        "roofline_ms_per_frame": 1000 * count.roofline_s / count.frames_out, "roofline": H200.name,
     }
 
 
