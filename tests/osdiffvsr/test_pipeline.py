@@ -118,6 +118,47 @@ def test_a_clip_prompt_is_memoised_and_per_frame_prompts_are_not(upscaler: OSDif
     assert torch.equal(memoised, upscaler(frames))
 
 
+@pytest.mark.parametrize("per_frame_prompts", [False, True])
+def test_the_vae_does_not_divide_by_its_output_scales_of_one(upscaler: OSDiffVSRUpscaler,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             per_frame_prompts: bool) -> None:
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    import zoo.osdiffvsr.pipeline as pipeline
+    from zoo.bench.pipeline import DispatchCounter
+
+    frames = torch.rand(3, 3, 8, 8)
+    prompts = upscaler.net.prompt_embeds.expand(3, -1, -1) if per_frame_prompts else None
+    blocks = [m for m in upscaler.net.vae.modules() if type(m) is ResnetBlock2D or isinstance(m, Attention)]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *args: calls.append(1)) for m in blocks]
+
+    def divisions() -> tuple[torch.Tensor, int]:
+        divided = []
+
+        class Divisions(DispatchCounter):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                divided.append(func == torch.ops.aten.div.Tensor)
+                return super().__torch_dispatch__(func, types, args, kwargs)
+
+        with Divisions():
+            out = upscaler(frames, prompt_embeds=prompts)
+        return out, sum(divided)
+
+    try:
+        unit, unit_divisions = divisions()
+        block_calls = len(calls)
+        monkeypatch.setattr(pipeline, "unit_output_scales", lambda memo, model: None)  # every scale divided by
+        plain, plain_divisions = divisions()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert block_calls > 0 and len(calls) == 2 * block_calls
+    assert plain_divisions - unit_divisions == block_calls  # one division per VAE block call, and no other
+    assert torch.equal(unit, plain)  # x / 1 is x
+
+
 def test_odd_sizes_are_padded_and_cropped(upscaler: OSDiffVSRUpscaler) -> None:
     frames = torch.rand(2, 3, 45, 30)
     out = upscaler(frames)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from zoo.components.flow import FlowFeatures
-from zoo.components.memo import StepMemo, memoise_denoiser
+from zoo.components.memo import StepMemo, memoise_denoiser, unit_output_scales
 from zoo.components.tiling import TilePlan, pad_to_multiple
 from zoo.components.upscaler import (
     MemoryModel,
@@ -236,7 +236,9 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             prompt_embeds: None (the stored embedding), one `(1, L, D)` tensor for every frame, or an
                 iterable of `(L, D)` tensors read in step with `frames`, one per frame.
         """
-        memo = None
+        # An eager run's VAE skips its divisions by output scales of 1 (`unit_output_scales`), whatever the prompt.
+        memo = StepMemo()
+        unit_output_scales(memo, self.net.vae)
         if prompt_embeds is None or isinstance(prompt_embeds, Tensor):
             if prompt_embeds is not None:
                 self.check_prompt_embeds(prompt_embeds)
@@ -246,13 +248,12 @@ class OSDiffVSRUpscaler(VideoUpscaler):
             conditions = itertools.repeat(prompt_embeds)
             # One timestep and one prompt for the whole clip: an eager run computes the UNet's time embeddings
             # and the prompt's cross-attention keys and values once (`StepMemo`).
-            memo = StepMemo()
             memoise_denoiser(memo, self.net.unet)
         else:
             conditions = (self.check_prompt_embeds(c[None], "each per-frame prompt embedding")
                           for c in prompt_embeds)
         window = self.compiled("window", self.upscale_window)
-        if window == self.upscale_window and memo is not None:
+        if window == self.upscale_window:
             window = _memoised(window, memo, self.net.config.timestep)
         encode = self.compiled("flow_features", self.flow_features)  # each frame's RAFT encodings, once
         prev = current = c_current = f_prev = f_current = None
