@@ -3,7 +3,7 @@
 # 17 for OSDEnhancer, which doubles the frame rate: one chunk of each chunked model): eager vs compiled, through
 # `zoo bench --model`. Writes $OUT/gpu.json (every run's record, plus ms per output frame and
 # TFLOP/s over the whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
-# compilation, peak VRAM measured and as the count estimates it, TFLOP/s, FLOPs / bound).
+# compilation, peak VRAM measured and as the count estimates it, TFLOP/s, FLOPs / bound, the count's roofline).
 #
 # Eager runs also time each module group during their timed pass (`zoo bench --breakdown`).
 #
@@ -13,9 +13,9 @@
 # of the budget; a run past its limit is recorded as "timeout" with the last progress line of its log (build,
 # warm-up, frames timed so far), one the budget leaves no time for as "skipped".
 #
-# FLOPs, launches and the memory estimate are not counted here: counting 33 frames of 720p on fake tensors takes minutes of CPU per
-# model, and the count depends on no device, dtype or compilation. Each run reuses $COUNTS/<model>[-<option>].json,
-# written by `zoo bench --model NAME --size full --height 720 --width 1280 --frames 33 (17) --dtype bf16
+# FLOPs, launches, the memory estimate and the roofline are not counted here: counting 33 frames of 720p on fake
+# tensors takes minutes of CPU per model, and the count depends on neither device nor compilation. Each run reuses
+# $COUNTS/<model>[-<option>].json, written by `zoo bench --model NAME --size full --height 720 --width 1280 --frames 33 (17) --dtype bf16
 # --count-only --json FILE` (with `--option KEY=VALUE` where the run has one); without it the run counts itself.
 #
 # Settings (environment): MODELS (default: every registered model), SIZE (full), HEIGHT (720), WIDTH (1280),
@@ -114,14 +114,16 @@ def cell(value, fmt):
 # (first frame included), and TFLOP/s follows from it. The per-gap median is kept for the per-frame models.
 # The count's memory estimate (weights + the peak of the storages the fake stream made) stands next to the measured
 # peak, so that each GPU run also checks the estimate that `zoo upscale` plans with.
-rows = ["| model | options | run | ms/frame | steady gap median ms | first frame ms | warm-up s (incl. compile) "
-        "| peak VRAM GiB | estimated GiB | TFLOP/s | FLOPs / bound |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+# The count's roofline time (each operator at the H200's peaks) is the eager run's floor: ms/frame over it says how
+# far from those peaks the run is.
+rows = ["| model | options | run | ms/frame | roofline ms/frame | steady gap median ms | first frame ms "
+        "| warm-up s (incl. compile) | peak VRAM GiB | estimated GiB | TFLOP/s | FLOPs / bound |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for key, r in records.items():
     options = r["options"] if isinstance(r.get("options"), str) else ", ".join(
         f"{k}={v}" for k, v in r.get("options", {}).items())
     if "failed" in r:
-        rows.append(f"| {r['model']} | {options} | {r['run']} | {r['failed']} | | | | | | | |")
+        rows.append(f"| {r['model']} | {options} | {r['run']} | {r['failed']} | | | | | | | | |")
         continue
     run = key.rsplit("-", 1)[1]
     total_ms = r["first_frame_ms"] + r["ms_per_frame"]["mean"] * (r["frames_out"] - 1)
@@ -130,7 +132,8 @@ for key, r in records.items():
     r["tflops_all_frames"] = r["flops_per_frame"]["total"] / ms / 1e9
     vram = None if r["peak_device_bytes"] is None else r["peak_device_bytes"] / 2**30
     estimate = (r["weight_bytes"] + r["peak_activation_bytes"]) / 2**30
-    rows.append(f"| {r['model']} | {options} | {run} | {cell(ms, '.1f')} | {cell(r['ms_per_frame']['median'], '.1f')} "
+    rows.append(f"| {r['model']} | {options} | {run} | {cell(ms, '.1f')} | {cell(r['roofline_ms_per_frame'], '.1f')} "
+                f"| {cell(r['ms_per_frame']['median'], '.1f')} "
                 f"| {cell(r['first_frame_ms'], '.1f')} | {cell(r['warmup_s'], '.1f')} | {cell(vram, '.2f')} "
                 f"| {cell(estimate, '.2f')} | {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
 (out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")

@@ -206,8 +206,8 @@ def _bench(ns: argparse.Namespace) -> None:
         if ns.vs:
             changed = _key_values(ns.vs, "--vs")
             other = {**settings, **changed}
-            if not set(changed) & {"model", "size", "height", "width", "frames", "options"}:
-                other["counts"] = result  # the same stream: its count holds (device, dtype, compile change none)
+            if not set(changed) & {"model", "size", "height", "width", "frames", "dtype", "options"}:
+                other["counts"] = result  # the same stream: its count holds (device and compile change none)
             second = bench_pipeline(**other)
             timed = result["timed"] and second["timed"]
             result = {"baseline": result, "vs": second,

@@ -152,24 +152,26 @@ def test_count_only_reports_the_count_without_timing(toy, tmp_path, capsys) -> N
 def test_a_stored_count_is_reused_only_for_the_same_stream(toy, tmp_path, capsys, monkeypatch) -> None:
     stored = tmp_path / "count.json"
     zoo_main(["bench", "--model", "toy", "--height", "8", "--width", "8", "--frames", "2", "--count-only",
-              "--json", str(stored)])
+              "--dtype", "float32", "--json", str(stored)])
     count = json.loads(stored.read_text())
 
     def no_count(*args, **kwargs):
         raise AssertionError("counted again")
 
     monkeypatch.setattr(bench, "_count", no_count)
-    reused = bench.bench_pipeline(model="toy", height=8, width=8, frames=2, dtype="bf16", busy_ok=True,
-                                  counts=count)
-    assert reused["timed"] and reused["dtype"] == "bf16"
+    reused = bench.bench_pipeline(model="toy", height=8, width=8, frames=2, dtype="fp32", busy_ok=True,
+                                  counts=count)  # "fp32" is "float32"
+    assert reused["timed"] and reused["dtype"] == "fp32"
     assert all(reused[key] == count[key] for key in bench.COUNT_KEYS)
     assert reused["tflops"] == pytest.approx(count["flops_per_frame"]["total"] / reused["ms_per_frame"]["mean"] / 1e9)
     # A `--vs` record holds the count of its first run.
     assert bench.bench_pipeline(model="toy", height=8, width=8, frames=2, busy_ok=True, timed=False,
                                 counts={"baseline": count})["launches_per_frame"] == count["launches_per_frame"]
     for changed, message in (({"frames": 3}, r"frames_in 2 \(not 3\)"), ({"height": 16}, r"output \[8, 8\]"),
-                             ({"options": {"tile": 4}}, r"options \{\} \(not \{'tile': 4\}\)")):
-        settings = {"model": "toy", "height": 8, "width": 8, "frames": 2, "busy_ok": True, "counts": count, **changed}
+                             ({"options": {"tile": 4}}, r"options \{\} \(not \{'tile': 4\}\)"),
+                             ({"dtype": "bf16"}, r"dtype torch.float32 \(not torch.bfloat16\)")):
+        settings = {"model": "toy", "height": 8, "width": 8, "frames": 2, "busy_ok": True, "counts": count,
+                    **changed}
         with pytest.raises(ValueError, match="the stored count is of another run: " + message):
             bench.bench_pipeline(**settings)
     with pytest.raises(ValueError, match="lacks launches_per_frame"):

@@ -473,7 +473,8 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
             CPU (hours per clip, and more memory than the machine has: the count alone runs then).
         counts: the record of an earlier run of the same model, size, output size, LR frames and options
             (`zoo bench ... --count-only --json FILE`), whose count is used instead of counting again: the count
-            depends on none of device, dtype and compile, and at 33 frames of 720p takes minutes of CPU.
+            depends on neither device nor compile (its bytes and memory do depend on the dtype), and at 33 frames of
+            720p takes minutes of CPU.
         breakdown: time the timed run's module groups too (`GroupTimer`, eager runs only) and report
             `ms_by_group`: device milliseconds per output frame in each group, "other" the rest.
 
@@ -502,7 +503,7 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
     if counts is None:
         count = _count(model, size, height, width, frames, dtype, options)
     else:
-        count = _reuse_count(counts, model, size, height, width, frames, options)
+        count = _reuse_count(counts, model, size, height, width, frames, dtype, options)
     result = {
         "model": model, "size": size, "device": str(torch_device), "dtype": dtype, "threads": threads,
         "cores": cores, "load_average": round(load, 2), "compile": compile, "options": options or {},
@@ -551,12 +552,14 @@ def _count(model: str, size: str, height: int, width: int, frames: int, dtype: s
     }
 
 
-def _reuse_count(record: dict[str, Any], model: str, size: str, height: int, width: int, frames: int,
+def _reuse_count(record: dict[str, Any], model: str, size: str, height: int, width: int, frames: int, dtype: str,
                  options: dict[str, Any] | None) -> dict[str, Any]:
     """The count fields of an earlier `bench_pipeline` record, after checking it counted this same stream."""
     record = record.get("baseline", record)  # a `--vs` record: its first run
-    wanted = {"model": model, "size": size, "output": [height, width], "frames_in": frames, "options": options or {}}
+    wanted = {"model": model, "size": size, "output": [height, width], "frames_in": frames, "dtype": DTYPES[dtype],
+              "options": options or {}}
     found = {key: record.get(key) for key in wanted}
+    found["dtype"] = DTYPES.get(found["dtype"])  # "bf16" and "bfloat16" are one dtype
     if found != wanted:
         differ = ", ".join(f"{key} {found[key]!r} (not {wanted[key]!r})" for key in wanted if found[key] != wanted[key])
         raise ValueError(f"the stored count is of another run: {differ}")
