@@ -20,6 +20,8 @@ from zoo.pssr.network import (
     DiscriminatorConfig,
     DraftTransformer,
     LatentDiscriminator,
+    LeanWanCausalConv3d,
+    LeanWanRMSNorm,
     PSSRConfig,
     PSSRNet,
     flow_interpolate,
@@ -30,6 +32,7 @@ from zoo.pssr.network import (
     speculative_scheduler,
     uniform_kept_blocks,
     updated_high_band,
+    use_lean_wan_modules,
     velocity_l2,
 )
 
@@ -387,6 +390,85 @@ def test_bfloat16_keeps_float32_islands_and_stays_close(net: PSSRNet) -> None:
     # 0.03 anywhere and 0.002 on average (measured on five seeds: at most 0.026 and 0.0016).
     difference = (output - reference).abs()
     assert difference.max() < 0.03 and difference.mean() < 0.002
+
+
+# The Wan VAE's lean modules ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lean_rms_norm_is_diffusers_rms_norm_on_a_hand_computed_pixel(bias: bool) -> None:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    norm = WanRMS_norm(2, images=False, bias=bias)
+    with torch.no_grad():
+        norm.gamma.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+        if bias:
+            norm.bias.copy_(torch.tensor([0.5, -0.5]).view(2, 1, 1, 1))
+    x = torch.tensor([[3.0, 0.0], [4.0, 0.0]]).view(1, 2, 2, 1, 1)  # channels (3, 4) at frame 0, (0, 0) at frame 1
+    # Frame 0: (3, 4) / 5 * sqrt(2) * gamma; frame 1: a zero vector stays zero (the norm is clamped to 1e-12).
+    expected = torch.tensor([[0.6 * 2**0.5, 0.0], [1.6 * 2**0.5, 0.0]]).view(1, 2, 2, 1, 1)
+    if bias:
+        expected = expected + torch.tensor([0.5, -0.5]).view(1, 2, 1, 1, 1)
+    theirs = norm(x)
+    norm.__class__ = LeanWanRMSNorm
+    ours = norm(x)
+    assert torch.allclose(theirs, expected, atol=1e-6) and torch.allclose(ours, expected, atol=1e-6)
+    y = torch.randn(2, 8, 3, 5, 6, dtype=torch.bfloat16)
+    lean = LeanWanRMSNorm(8, images=False, bias=bias)
+    with torch.no_grad():
+        lean.gamma.normal_()
+    plain = copy.deepcopy(lean)
+    plain.__class__ = WanRMS_norm
+    lean, plain = lean.to(torch.bfloat16), plain.to(torch.bfloat16)
+    # Both round to bfloat16 three times, in other places: within two of its steps at these magnitudes.
+    assert (lean(y).float() - plain(y).float()).abs().max() <= 2 * 2**-7 * plain(y).float().abs().max()
+
+
+def test_lean_rms_norm_moves_fewer_bytes_than_diffusers() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zoo.bench.pipeline import DispatchCounter
+
+    moved = {}
+    for cls in (LeanWanRMSNorm, LeanWanRMSNorm.__mro__[1]):
+        norm = cls(96, images=False).to(torch.bfloat16)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            x = mode.from_tensor(torch.zeros(1, 96, 2, 32, 32, dtype=torch.bfloat16))
+            with torch.no_grad(), DispatchCounter() as counter:
+                norm(x)
+        moved[cls.__name__] = counter.bytes_moved
+    size = 96 * 2 * 32 * 32 * 2  # the activation's bytes in bfloat16
+    # diffusers: cast up (1 + 2), norm (2), divide (2 + 2), cast down (2 + 1), scale, gamma and a bias of 0 (2 each).
+    assert moved["WanRMS_norm"] >= 18 * size
+    # Here: norm (1), multiply (2), multiply in place (counted once), and the per-pixel factor's small passes.
+    assert moved["LeanWanRMSNorm"] < 4.25 * size
+
+
+@pytest.mark.parametrize(("kernel", "padding"), [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (1, 0, 0)), ((1, 1, 1), 0)])
+@pytest.mark.parametrize("cached", [None, 1, 2])
+def test_lean_causal_conv_is_diffusers_causal_conv(kernel, padding, cached) -> None:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    torch.manual_seed(0)
+    conv = WanCausalConv3d(4, 5, kernel, padding=padding)
+    x = torch.randn(1, 4, 3, 6, 7)
+    cache = None if cached is None else torch.randn(1, 4, cached, 6, 7)
+    theirs = conv(x, cache)
+    conv.__class__ = LeanWanCausalConv3d
+    assert torch.allclose(conv(x, cache), theirs, atol=1e-6, rtol=0)
+    assert conv.padding == (0, 0, 0)  # the module's own padding stays diffusers' (the causal one is `_padding`)
+
+
+def test_the_pssr_vae_runs_the_lean_modules_and_loads_the_same_names() -> None:
+    from diffusers import AutoencoderKLWan
+
+    config = PSSRConfig.tiny()
+    net = PSSRNet(config)
+    plain = AutoencoderKLWan(**config.vae)
+    kinds = {type(m).__name__ for m in net.vae.modules()}
+    assert {"LeanWanRMSNorm", "LeanWanCausalConv3d"} <= kinds and not {"WanRMS_norm", "WanCausalConv3d"} & kinds
+    assert list(net.vae.state_dict()) == list(plain.state_dict())
+    assert use_lean_wan_modules(plain) == sum(type(m).__name__.startswith("Lean") for m in net.vae.modules())
 
 
 # Discriminator -----------------------------------------------------------------------------------

@@ -260,7 +260,8 @@ class Roofline:
     Each launched operator takes at least its FLOPs over the peak rate of its dtype and its bytes (read and
     written) over the memory bandwidth, whichever is longer: perfect kernels, no launch overhead, no overlap
     between operators. The sum is a lower bound on an eager run's time on that GPU; fusing operators (compiling)
-    is what moves fewer bytes.
+    is what moves fewer bytes. A tensor an operator both reads and writes (in place) counts once, which keeps the
+    bound a lower one.
 
     Attributes:
         name: the GPU and where its peaks come from.
