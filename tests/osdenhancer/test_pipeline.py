@@ -289,6 +289,19 @@ def test_noise_comes_from_the_generator_or_the_seed_option(tiny_upscaler) -> Non
         tiny_upscaler.configure(seed=0)
 
 
+def test_a_bfloat16_model_draws_the_posterior_noise_of_a_float32_one(tiny_upscaler) -> None:
+    import copy
+
+    video = _frames(9, 32, 32).transpose(0, 1)[None] * 2 - 1
+    half = copy.deepcopy(tiny_upscaler.net).to(torch.bfloat16)
+    with torch.no_grad():
+        posterior = half.vae.encode(video.to(torch.bfloat16)).latent_dist
+        latents = half.encode(video, torch.Generator().manual_seed(3))
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(3))  # float32
+    expected = (posterior.mean.float() + posterior.std.float() * noise).to(torch.bfloat16) * half.scaling_factor
+    assert latents.dtype == torch.bfloat16 and torch.equal(latents, expected.transpose(1, 2))
+
+
 def test_bfloat16_stays_within_its_stated_tolerance_of_float32(tiny_upscaler) -> None:
     import copy
 

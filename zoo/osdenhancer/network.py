@@ -33,6 +33,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXDecoder3D
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, deform_conv2d
 
@@ -939,7 +940,16 @@ class OSDEnhancerNet(nn.Module):
             sample: draw `mean + std · ε` from the posterior (inference); False takes its mean (targets).
         """
         posterior = self.vae.encode(video.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if sample else posterior.mode()
+        if sample:
+            # diffusers' `posterior.sample` draws ε in the VAE's dtype, and a bfloat16 draw takes other values from
+            # the generator than a float32 one (other again on other PyTorch versions): ε is drawn in float32, so a
+            # bfloat16 run samples the float32 run's noise, and mean + std · ε is formed in float32 (a float32 run's
+            # values are diffusers' to the bit).
+            noise = randn_tensor(posterior.mean.shape, generator=generator, device=posterior.mean.device,
+                                 dtype=torch.float32)
+            latents = (posterior.mean.float() + posterior.std.float() * noise).to(posterior.mean.dtype)
+        else:
+            latents = posterior.mode()
         return (latents * self.scaling_factor).transpose(1, 2)
 
     def velocity(self, latents: Tensor, residual_latents: Tensor) -> Tensor:
