@@ -67,13 +67,13 @@ ZOO_SETTINGS = ("timestep",)
 SIZE_MULTIPLE = 16
 """Frames are padded to multiples of 16: the VAE's 8x times the transformer's 2x2 patches."""
 # Peak bytes beyond the weights of one chunk in bfloat16, as `zoo bench --count-only` estimates them over the full
-# network's stream() on fake tensors (`zoo.bench.pipeline.DispatchCounter`), at output sizes 360x640 to 1088x1920
-# and chunks of 17 or 33 output frames. Untiled: 11.69 GiB at 360x640 and 45.74 GiB at 720x1280 (33 frames),
-# 57.26 at 816x1440, 71.11 at 912x1600, 80.09 at 960x1712, 67.36 at 720x1920 and 67.86 at 1088x1280 (17 frames).
-# Tiled (tiles of 240x360 pixels): 4.48 GiB at 480x720, 4.51 at 504x736, 5.09 at 720x1280 and 6.34 at 1088x1920
-# (17 frames), 6.01 at 720x1280 (33 frames). Fitted, within 2.2% of each (0.5% from 480x720 up): every chunk holds
-# 67 bytes per output pixel and frame (videos, latents, the transformer's tokens); the VAE adds 0.37 GB + 50,680
-# bytes per output pixel untiled, 4.11 GiB tiled.
+# network's stream() on fake tensors (`zoo.bench.pipeline.DispatchCounter`), at output sizes 360x640 to 1080x1920
+# (padded to 16) and chunks of 17 or 33 output frames. Untiled: 11.69 GiB at 360x640 and 45.74 GiB at 720x1280
+# (33 frames), 57.26 at 816x1440, 71.11 at 912x1600, 80.09 at 960x1712, 67.36 at 720x1920 and 67.86 at 1080x1280
+# (17 frames). Tiled (tiles of 240x360 pixels): 4.48 GiB at 480x720, 4.51 at 504x736, 5.09 at 720x1280 and 6.34
+# at 1080x1920 (17 frames), 6.01 at 720x1280 (33 frames). Fitted, within 2.2% of each (0.5% from 480x720 up):
+# every chunk holds 67 bytes per output pixel and frame (videos, latents, the transformer's tokens); the VAE adds
+# 0.37 GB + 50,680 bytes per output pixel untiled, 4.11 GiB tiled.
 CHUNK_BYTES_PER_PIXEL_FRAME = 67
 UNTILED_VAE_BYTES = (0.37e9, 50_680)
 TILED_VAE_BYTES = 4.11 * 2**30
