@@ -187,11 +187,11 @@ def test_frames_of_different_sizes_are_refused(tiny_upscaler) -> None:
 
 def test_untiled_frames_over_the_vae_s_pixel_limit_are_refused_before_any_network_runs(tiny_upscaler,
                                                                                       monkeypatch) -> None:
-    # 3 LR frames of 6x7 at x4, x2 in time: 5 output frames of 24x28, padded to 9 frames (3 latents) of 32x32.
+    # 3 LR frames of 6x7 at x4, x2 in time: 5 output frames of 24x28, padded to 9 frames of 32x32.
     asked = []
 
-    def limit(latent_frames: int) -> int:
-        asked.append(latent_frames)
+    def limit(frames: int) -> int:
+        asked.append(frames)
         return pixels
 
     monkeypatch.setattr(tiny_upscaler.net.vae, "untiled_pixel_limit", limit)
@@ -203,14 +203,14 @@ def test_untiled_frames_over_the_vae_s_pixel_limit_are_refused_before_any_networ
                                              r"multiples of 16\): the untiled CogVideoX VAE decodes at most 1,023 "
                                              r"pixels per frame here, not 1,024; use vae_tiling=True$"):
             list(tiny_upscaler.stream(_frames(3, 6, 7)))
-        assert asked == [3]
+        assert asked == [9]
         pixels = 32 * 32  # at the limit: the networks run
         with pytest.raises(pytest.fail.Exception, match="a network ran"):
             list(tiny_upscaler.stream(_frames(3, 6, 7)))
         tiny_upscaler.configure(vae_tiling=True)  # tiles: no limit asked
         with pytest.raises(pytest.fail.Exception, match="a network ran"):
             list(tiny_upscaler.stream(_frames(3, 6, 7)))
-        assert asked == [3, 3]
+        assert asked == [9, 9]
     finally:
         tiny_upscaler.configure(vae_tiling=True)
 
@@ -244,13 +244,13 @@ def test_default_options_run_the_vae_untiled_where_it_fits_the_memory_and_its_pi
     assert up.vae_tiling  # the option as it was
     asked = []
 
-    def limit(latent_frames: int) -> int:
-        asked.append(latent_frames)
+    def limit(frames: int) -> int:
+        asked.append(frames)
         return 720 * 1280 - 1
 
     monkeypatch.setattr(up.net.vae, "untiled_pixel_limit", limit)
     assert up.default_options(180, 320, 10 * enough) == {"vae_tiling": True}  # over the VAE's pixel limit
-    assert asked == [9]  # 33 frames: 9 latent frames
+    assert asked == [33]  # a chunk's frames
     assert up.configure(chunk=None).default_options(180, 320, 10 * enough) == {}
 
 

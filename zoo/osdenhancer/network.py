@@ -840,8 +840,8 @@ class OSDEnhancerVAE(AutoencoderKLCogVideoX):
             norm_eps=norm_eps, norm_num_groups=norm_num_groups, temporal_compression_ratio=temporal_compression_ratio,
         )
 
-    def untiled_pixel_limit(self, latent_frames: int) -> int:
-        """The most pixels per frame that this VAE decodes untiled in a clip of `latent_frames` latent frames.
+    def untiled_pixel_limit(self, frames: int) -> int:
+        """The most pixels per frame that this VAE decodes untiled in a clip of `frames` frames (`4n + 1`).
 
         diffusers' `CogVideoXSafeConv3d` splits a convolution's input along time into `int(G / 2) + 1` parts once
         it holds G > 2 GiB at 2 bytes per value (whatever the dtype), and a part shorter than the kernel fails
@@ -853,6 +853,7 @@ class OSDEnhancerVAE(AutoencoderKLCogVideoX):
         """
         conv = self.decoder.up_blocks[-1].resnets[0].conv1.conv
         channels, kernel = conv.in_channels, conv.kernel_size[0]
+        latent_frames = (frames - 1) // int(self.config.temporal_compression_ratio) + 1
         batch = self.num_latent_frames_batch_size
         batches = {batch + latent_frames % batch, batch} if latent_frames >= 2 * batch else {max(latent_frames, 1)}
         limit = None

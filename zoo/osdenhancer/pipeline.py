@@ -174,11 +174,10 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         if self.chunk is None:
             return {}
         out_h, out_w = self.padded_output_size(height, width)
-        latent_frames = (self.chunk - 1) // int(self.net.vae.config.temporal_compression_ratio) + 1
         current = self.vae_tiling
         try:
             self.vae_tiling = False
-            fits = (out_h * out_w <= self.net.vae.untiled_pixel_limit(latent_frames)
+            fits = (out_h * out_w <= self.net.vae.untiled_pixel_limit(self.chunk)
                     and self.estimate_memory(height, width) <= free_bytes * MEMORY_HEADROOM)
         finally:
             self.vae_tiling = current
@@ -286,8 +285,7 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         dtype = self.net.vae.dtype
         if not self.vae_tiling:
             height, width = video.shape[-2:]
-            latent_frames = (padded - 1) // int(self.net.vae.config.temporal_compression_ratio) + 1
-            limit = self.net.vae.untiled_pixel_limit(latent_frames)
+            limit = self.net.vae.untiled_pixel_limit(padded)
             if height * width > limit:
                 raise ValueError(f"vae_tiling=False cannot run {width}x{height} output frames (padded to multiples "
                                  f"of {SIZE_MULTIPLE}): the untiled CogVideoX VAE decodes at most {limit:,} pixels "
