@@ -74,6 +74,14 @@ def test_roofline_time_is_each_operator_s_flops_or_bytes_at_the_gpu_s_peaks() ->
     assert flops / 1e15 < 3 * 8_192 / 1e12 and flops / 1e12 > 3 * 16_384 / 1e12  # bytes bound one, FLOPs the other
 
 
+def test_a_sampling_operator_counts_the_values_it_can_read_not_its_whole_input() -> None:
+    with torch.no_grad(), FakeTensorMode():
+        volume, grid = torch.zeros(1, 1, 100, 100), torch.zeros(1, 3, 3, 2)  # 40,000 and 72 bytes
+        with bench.DispatchCounter() as counter:
+            torch.nn.functional.grid_sample(volume, grid, align_corners=True)  # 9 outputs, 4 taps each
+    assert counter.bytes_moved == 4 * 36 + 72 + 36
+
+
 def test_a_stream_s_memory_peak_counts_its_live_activations_and_not_its_weights(toy) -> None:
     upscaler, mode = bench.fake_upscaler("toy", "tiny")  # 3 -> 4 -> 3 channels, x2
     count = bench.count_stream(upscaler, mode, [torch.rand(3, 4, 4) for _ in range(3)])
