@@ -332,11 +332,11 @@ class DispatchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func.namespace == "aten":
-            if launches_no_kernel(func):
-                self.views += 1
-            else:
-                self.launches += 1
+        launches = func.namespace == "aten" and not launches_no_kernel(func)
+        if launches:
+            self.launches += 1
+        elif func.namespace == "aten":
+            self.views += 1
         tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
         if tensors and not any(isinstance(x, FakeTensor) for x in tensors):
             with _disable_current_modes():  # host data: computed for real, never a device sync
@@ -348,7 +348,7 @@ class DispatchCounter(TorchDispatchMode):
             for tensor in tree_leaves(out):
                 if isinstance(tensor, FakeTensor):
                     self._track(tensor.untyped_storage())
-        if func.namespace == "aten" and not launches_no_kernel(func):
+        if launches:
             self._add_roofline(func, args, kwargs, out, tensors)
         return out
 
