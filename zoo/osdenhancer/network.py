@@ -857,12 +857,12 @@ class OSDEnhancerVAE(AutoencoderKLCogVideoX):
         batch = self.num_latent_frames_batch_size
         batches = {batch + latent_frames % batch, batch} if latent_frames >= 2 * batch else {max(latent_frames, 1)}
         limit = None
-        for frames in batches:
+        for batch_frames in batches:
             for block in self.decoder.up_blocks:  # time doubles at each compressing upsampler, the first frame kept
                 upsampler = block.upsamplers[0] if block.upsamplers else None
-                if upsampler is not None and upsampler.compress_time and frames > 1:
-                    frames = 2 * frames - 1 if frames % 2 else 2 * frames
-            padded = frames + kernel - 1
+                if upsampler is not None and upsampler.compress_time and batch_frames > 1:
+                    batch_frames = 2 * batch_frames - 1 if batch_frames % 2 else 2 * batch_frames
+            padded = batch_frames + kernel - 1
             parts = max(p for p in range(1, padded + 1) if -(-padded // p) >= kernel)  # ceil(T / p) >= kernel
             # int(G / 2) + 1 <= parts  <=>  G < 2 * parts, with G = channels * padded * pixels * 2 / 2**30.
             pixels = (parts * 2**30 - 1) // (channels * padded)
