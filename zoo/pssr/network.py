@@ -500,8 +500,8 @@ class LeanWanCausalConv3d(WanCausalConv3d):
     """diffusers' `WanCausalConv3d` with its spatial zero padding done by the convolution instead of a padded copy.
 
     diffusers pads every input in time and space with `F.pad` (a full copy, even of zero padding) and convolves it
-    unpadded. Here the time padding that the cached frames do not cover is still padded, and the spatial one is the
-    convolution's own zero padding: the same sums, no copy (58 GB of traffic per 720p PS-SR frame in bf16).
+    unpadded. Here the spatial padding is the convolution's own zero padding, the same sums; a copy is made only
+    where the cached frames leave time padding to add.
     """
 
     def forward(self, x: Tensor, cache_x: Tensor | None = None) -> Tensor:
@@ -514,6 +514,9 @@ class LeanWanCausalConv3d(WanCausalConv3d):
         return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
 
 
+LEAN_WAN_MODULES = {WanRMS_norm: LeanWanRMSNorm, WanCausalConv3d: LeanWanCausalConv3d}
+
+
 def use_lean_wan_modules(vae: AutoencoderKLWan) -> int:
     """Run `vae`'s RMS norms and causal convolutions as `LeanWanRMSNorm` / `LeanWanCausalConv3d`; returns how many.
 
@@ -522,7 +525,7 @@ def use_lean_wan_modules(vae: AutoencoderKLWan) -> int:
     """
     swapped = 0
     for module in vae.modules():
-        lean = {WanRMS_norm: LeanWanRMSNorm, WanCausalConv3d: LeanWanCausalConv3d}.get(type(module))
+        lean = LEAN_WAN_MODULES.get(type(module))
         if lean is not None:
             module.__class__ = lean
             swapped += 1
