@@ -266,3 +266,61 @@ def test_flow_matching_constants_and_steps_stay_float32_under_bfloat16() -> None
     # z - (1 - 0.75) v = 0.30078125 - 0.1748046875 = 0.1259765625; z - 1 * v = -0.3984375; both in float32.
     assert z_next.dtype == clean.dtype == torch.float32
     assert z_next.item() == 0.1259765625 and clean.item() == -0.3984375
+
+
+def test_memory_estimate_is_the_fitted_sampler_and_frame_terms_at_the_padded_size() -> None:
+    from zoo.pssr.pipeline import SAMPLER_BYTES_PER_PIXEL, STREAM_BYTES_PER_PIXEL_FRAME, TILE_BYTES_PER_PIXEL_FRAME
+
+    up = zoo.hub.load("pssr", pretrained=False, variant="tiny", dtype=torch.bfloat16)
+    fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[2]
+    assert (fixed, per_frame) == (300_278, 894)
+    # 720p output: LR 180 x 320 in one sampler run of 33 frames, and the previous chunk's HR frames.
+    whole = 180 * 320 * (fixed + 33 * per_frame) + 180 * 320 * 33 * STREAM_BYTES_PER_PIXEL_FRAME
+    assert up.estimate_memory(180, 320) == whole
+    # LR 179 x 318 runs padded to 180 x 320 (multiples of 4).
+    assert up.estimate_memory(179, 318) == whole
+    # Tiles of 64: one run sees 64 x 64 pixels; the blended HR tiles are held for the whole frame.
+    up.configure(tile=64, chunk=9)
+    tiled = 64 * 64 * (fixed + 9 * per_frame) + 180 * 320 * 9 * (STREAM_BYTES_PER_PIXEL_FRAME +
+                                                                  TILE_BYTES_PER_PIXEL_FRAME)
+    assert up.estimate_memory(180, 320) == tiled
+    assert up.configure(tile=512).estimate_memory(180, 320) == (
+        180 * 320 * (fixed + 9 * per_frame) + 180 * 320 * 9 * (STREAM_BYTES_PER_PIXEL_FRAME +
+                                                                TILE_BYTES_PER_PIXEL_FRAME))
+    # The DiTs' dtype picks the coefficients: float32's per-frame part is the larger.
+    fixed32, per_frame32 = SAMPLER_BYTES_PER_PIXEL[4]
+    up.configure(tile=None, chunk=33)
+    assert up.to(torch.float32).estimate_memory(180, 320) == (
+        180 * 320 * (fixed32 + 33 * per_frame32) + 180 * 320 * 33 * STREAM_BYTES_PER_PIXEL_FRAME)
+
+
+def test_default_options_pick_whole_frames_or_the_largest_tile_that_fits() -> None:
+    from zoo.components.upscaler import MEMORY_HEADROOM
+
+    up = zoo.hub.load("pssr", pretrained=False, variant="tiny", dtype=torch.bfloat16)
+    whole = up.estimate_memory(180, 320)
+    enough = int(whole / MEMORY_HEADROOM) + 1
+    assert up.default_options(180, 320, enough) == {"tile": None}
+    up.configure(tile=192)
+    at_192 = up.estimate_memory(180, 320)
+    up.configure(tile=256)
+    at_256 = up.estimate_memory(180, 320)
+    up.configure(tile=None)
+    assert at_192 < at_256 < whole
+    assert up.default_options(180, 320, enough - 2) == {"tile": 256}
+    assert up.default_options(180, 320, int(at_256 / MEMORY_HEADROOM) - 1) == {"tile": 192}
+    assert up.default_options(180, 320, 1) == {"tile": 64}  # nothing fits: the smallest tile
+    assert up.tile is None  # the option as it was
+    # 720p output with 24 GB free runs in tiles of 256 LR pixels, with 19 GB in tiles of 192 (the docstring's).
+    assert up.default_options(180, 320, 24 * 10**9) == {"tile": 256}
+    assert up.default_options(180, 320, 19 * 10**9) == {"tile": 192}
+
+
+def test_memory_estimate_bounds_the_full_networks_counted_peak() -> None:
+    import zoo.bench.pipeline as bench
+
+    # The full network on fake tensors, a clip of two 5-frame chunks at LR 32 x 32 (the fit is from 64 x 64 up).
+    up, mode = bench.fake_upscaler("pssr", "full", torch.bfloat16)
+    up.configure(chunk=5, chunk_overlap=1)
+    counted = bench.count_stream(up, mode, list(bench.random_frames(9, 32, 32))).peak_bytes
+    assert counted < up.estimate_memory(32, 32) < 1.05 * counted  # measured: 2.3% above

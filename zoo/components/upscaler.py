@@ -379,13 +379,16 @@ class VideoUpscaler(nn.Module):
     def default_options(self, height: int, width: int, free_bytes: int) -> dict[str, Any]:
         """Options that fit one step on `height x width` LR frames into `free_bytes` of the model's device.
 
-        The base class picks `tile` (when it is an option and `memory` has a tile term): None when
-        whole frames fit in `MEMORY_HEADROOM` of `free_bytes`, else the largest of `TILE_SIZES`
-        smaller than the frame that fits, else the smallest of those. Papers with chunks override
-        this (and call it for tiles).
+        The base class picks `tile` (when it is an option and `memory` has a tile term) by `fitting_tile`.
+        Papers with their own memory model or with chunks override this (and call `fitting_tile` for tiles).
         """
         if "tile" not in self.options or self.memory is None or not self.memory.tile:
             return {}
+        return self.fitting_tile(height, width, free_bytes)
+
+    def fitting_tile(self, height: int, width: int, free_bytes: int) -> dict[str, Any]:
+        """`{"tile": tile}`: None (whole frames) where `estimate_memory` fits `MEMORY_HEADROOM` of `free_bytes`, else
+        the largest of `TILE_SIZES` smaller than the frame that fits, else the smallest of those."""
         budget = free_bytes * MEMORY_HEADROOM
         candidates = [None, *(tile for tile in TILE_SIZES if tile < max(height, width))]
         current = self.tile

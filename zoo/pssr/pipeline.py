@@ -52,6 +52,21 @@ FILES = {
     "base": "base.safetensors",
 }
 
+# Peak bytes beyond the weights, as `zoo bench --count-only` estimates them over the full network's stream() on fake
+# tensors (`zoo.bench.pipeline.DispatchCounter`). The peak is in the float32 Wan VAE decoder at HR size (its cached
+# frames and 3-D convolutions), so it grows with the pixels one sampler run sees (the tile, or the whole frame) and
+# barely with the chunk or the DiTs' dtype. Measured untiled: 1.263e9 bytes at LR 64x64 and 9 frames, 2.526e9 at
+# 64x128, 5.052e9 at 128x128, 17.76e9 at 180x320 (9 frames), 1.351e9 at 64x64 and 18.995e9 at 180x320 (33 frames),
+# in bfloat16; 1.287e9 and 1.422e9 at 64x64 (9, 33 frames) in float32: per pixel of a sampler run, a fixed part and
+# one per chunk frame, each keyed by the DiTs' bytes per element (exact at all of these). The frame-level rest, per
+# LR pixel of the whole frame and chunk frame: 256 bytes of blended HR tiles (0.038e9 over 64x64 tiles at 128x128,
+# 0.131e9 at 256x256, 9 frames; 0.247e9 at 128x256 and 0.543e9 over 128x128 tiles at 256x256, 33 frames: 222 to 256
+# measured, the largest kept), and 384 bytes of the previous chunk's HR frames once a clip has a second chunk
+# (0.014e9 at 64x64 and 9 frames, 0.027e9 at 17).
+SAMPLER_BYTES_PER_PIXEL = {2: (300_278, 894), 4: (301_724, 1_376)}
+TILE_BYTES_PER_PIXEL_FRAME = 256
+STREAM_BYTES_PER_PIXEL_FRAME = 384
+
 
 def weight_group(key: str) -> str:
     """Which file of a weights folder holds the state-dict entry `key` of a `PSSRNet`."""
@@ -146,6 +161,30 @@ class PSSRUpscaler(VideoUpscaler):
                                       or not 0 <= self.tile_overlap < self.tile):
             raise ValueError(f"tile and tile_overlap must be multiples of {multiple} with 0 <= tile_overlap < tile, "
                              f"got {self.tile} and {self.tile_overlap}")
+
+    def estimate_memory(self, height: int, width: int) -> int | None:
+        """Peak bytes beyond the weights of a clip of `height x width` LR frames with the current options.
+
+        From `zoo bench`'s fake-tensor estimates (`SAMPLER_BYTES_PER_PIXEL`, `TILE_BYTES_PER_PIXEL_FRAME`,
+        `STREAM_BYTES_PER_PIXEL_FRAME`), at the padded size the networks run at.
+        """
+        multiple = self.net.size_multiple
+        height, width = (-(-side // multiple) * multiple for side in (height, width))
+        run_h, run_w = (height, width) if self.tile is None else (min(self.tile, height), min(self.tile, width))
+        # A dtype wider than float32 is costed as float32: the DiTs' share of the peak is the smaller one.
+        fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[min(torch.finfo(self.dtype).bits // 8, 4)]
+        frame_level = STREAM_BYTES_PER_PIXEL_FRAME + (0 if self.tile is None else TILE_BYTES_PER_PIXEL_FRAME)
+        return int(run_h * run_w * (fixed + per_frame * self.chunk) + height * width * self.chunk * frame_level)
+
+    def default_options(self, height: int, width: int, free_bytes: int) -> dict[str, Any]:
+        """Whole frames where they fit `MEMORY_HEADROOM` of `free_bytes`, else the largest tile that fits
+        (`fitting_tile`).
+
+        At 720p output in bfloat16 a clip in 33-frame chunks of whole frames needs about 19.7 GB beyond the 4.4 GB of
+        weights: a 40 GB GPU runs it whole; with 24 GB free it runs in tiles of 256 LR pixels, with 19 GB in tiles
+        of 192.
+        """
+        return self.fitting_tile(height, width, free_bytes)
 
     def sample(self, lr: Tensor) -> Tensor:
         """The sampler on LR frames `(T, 3, h, w)` (`T = 4n + 1`, sizes multiples of `net.size_multiple`)."""
