@@ -8,8 +8,8 @@
 # Eager runs also time each module group during their timed pass (`zoo bench --breakdown`).
 #
 # Budget on one H100/H200, in one call: BUDGET_S (470 s) in all. The eager runs come first (every model, with
-# OSDEnhancer also without VAE tiles, its FLOP-bound setting), the compiled ones after them, cheapest compilation
-# first. Each run is a fresh process limited to its own EAGER_S (120 s) or COMPILED_S (240 s) and to what is left
+# OSDEnhancer also without VAE tiles, its FLOP-bound setting, and PS-SR also with its VAE in bf16), the compiled ones
+# after them, cheapest compilation first. Each run is a fresh process limited to its own EAGER_S (120 s) or COMPILED_S (240 s) and to what is left
 # of the budget; a run past its limit is recorded as "timeout" with the last progress line of its log (build,
 # warm-up, frames timed so far), one the budget leaves no time for as "skipped".
 #
@@ -56,6 +56,7 @@ runs=()
 for model in $MODELS; do
   [[ $model == osdenhancer ]] && runs+=("osdenhancer:vae_tiling=False/eager")
   runs+=("$model/eager")
+  [[ $model == pssr ]] && runs+=("pssr:float32_vae=False/eager")
 done
 for model in osdiffvsr stream_diffvsr pssr osdenhancer; do
   [[ " $MODELS " == *" $model "* ]] && runs+=("$model/compiled")

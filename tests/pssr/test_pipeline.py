@@ -272,7 +272,7 @@ def test_memory_estimate_is_the_fitted_sampler_and_frame_terms_at_the_padded_siz
     from zoo.pssr.pipeline import SAMPLER_BYTES_PER_PIXEL, STREAM_BYTES_PER_PIXEL_FRAME, TILE_BYTES_PER_PIXEL_FRAME
 
     up = zoo.hub.load("pssr", pretrained=False, variant="tiny", dtype=torch.bfloat16)
-    fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[2]
+    fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[2, 4]  # bfloat16 DiTs, float32 VAE
     assert (fixed, per_frame) == (300_278, 894)
     # 720p output: LR 180 x 320 in one sampler run of 33 frames, and the previous chunk's HR frames.
     whole = 180 * 320 * (fixed + 33 * per_frame) + 180 * 320 * 33 * STREAM_BYTES_PER_PIXEL_FRAME
@@ -288,10 +288,15 @@ def test_memory_estimate_is_the_fitted_sampler_and_frame_terms_at_the_padded_siz
         180 * 320 * (fixed + 9 * per_frame) + 180 * 320 * 9 * (STREAM_BYTES_PER_PIXEL_FRAME +
                                                                 TILE_BYTES_PER_PIXEL_FRAME))
     # The DiTs' dtype picks the coefficients: float32's per-frame part is the larger.
-    fixed32, per_frame32 = SAMPLER_BYTES_PER_PIXEL[4]
+    fixed32, per_frame32 = SAMPLER_BYTES_PER_PIXEL[4, 4]
     up.configure(tile=None, chunk=33)
     assert up.to(torch.float32).estimate_memory(180, 320) == (
         180 * 320 * (fixed32 + 33 * per_frame32) + 180 * 320 * 33 * STREAM_BYTES_PER_PIXEL_FRAME)
+    # And the VAE's: a bfloat16 VAE holds about half.
+    fixed16, per_frame16 = SAMPLER_BYTES_PER_PIXEL[2, 2]
+    up.configure(float32_vae=False).to(torch.bfloat16)
+    assert up.estimate_memory(180, 320) == (
+        180 * 320 * (fixed16 + 33 * per_frame16) + 180 * 320 * 33 * STREAM_BYTES_PER_PIXEL_FRAME)
 
 
 def test_default_options_pick_whole_frames_or_the_largest_tile_that_fits() -> None:
@@ -324,3 +329,25 @@ def test_memory_estimate_bounds_the_full_networks_counted_peak() -> None:
     up.configure(chunk=5, chunk_overlap=1)
     counted = bench.count_stream(up, mode, list(bench.random_frames(9, 32, 32))).peak_bytes
     assert counted < up.estimate_memory(32, 32) < 1.05 * counted  # measured: 2.3% above
+
+
+def test_float32_vae_option_casts_the_vae_at_load_and_after(tmp_path: Path, monkeypatch, capsys) -> None:
+    up = zoo.hub.load("pssr", pretrained=False, variant="tiny", dtype=torch.bfloat16, float32_vae=False)
+    assert up.dtype == torch.bfloat16 and up.net.vae.decoder.conv_out.weight.dtype == torch.bfloat16
+    assert up(_frames(1)).dtype == torch.float32
+    up.configure(float32_vae=True)
+    assert up.net.vae.decoder.conv_out.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="float32_vae must be True or False, got 'no'"):
+        up.configure(float32_vae="no")
+
+    import zoo.upscale as upscale_module
+    from zoo.cli import zoo_main
+    from zoo.components.video_io import write_video
+
+    write_video(tmp_path / "in.mp4", _frames(1, 16, 16), fps=8)
+    monkeypatch.setattr(upscale_module, "free_memory", lambda device: 2**40)
+    capsys.readouterr()
+    zoo_main(["upscale", str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), "--model", "pssr", "--random-weights",
+              "--variant", "tiny", "--device", "cpu", "--dtype", "bf16", "--no-float32-vae", "--chunk", "1",
+              "--chunk-overlap", "0"])
+    assert "float32_vae=False (set)" in capsys.readouterr().err

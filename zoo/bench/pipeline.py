@@ -191,16 +191,18 @@ def random_upscaler(name: str, size: str, device: str | torch.device = "cpu",
     return upscaler.to(dtype=dtype).eval()
 
 
-def fake_upscaler(name: str, size: str, dtype: torch.dtype = torch.float32) -> tuple[VideoUpscaler, FakeTensorMode]:
+def fake_upscaler(name: str, size: str, dtype: torch.dtype = torch.float32,
+                  options: dict[str, Any] | None = None) -> tuple[VideoUpscaler, FakeTensorMode]:
     """The hub entry `name` at `size` with fake (storage-free) CPU weights, and the mode to run it under.
 
-    The network is built on the `meta` device, then every parameter and buffer becomes a `FakeTensor` on
-    the CPU: ops compute shapes only, so the real `stream()` runs at any size in seconds, and any read of
-    a computed value (`.item()`, `bool()`, a data-dependent shape) raises. Unlike the `meta` device, the
-    CPU accepts the pipelines' `torch.Generator`s, so nothing in a pipeline is replaced.
+    The network is built on the `meta` device and configured with `options` there (an option may cast weights,
+    which fake parameters cannot be swapped for on every PyTorch version), then every parameter and buffer
+    becomes a `FakeTensor` on the CPU: ops compute shapes only, so the real `stream()` runs at any size in
+    seconds, and any read of a computed value (`.item()`, `bool()`, a data-dependent shape) raises. Unlike the
+    `meta` device, the CPU accepts the pipelines' `torch.Generator`s, so nothing in a pipeline is replaced.
     """
     with torch.device("meta"):
-        upscaler = random_upscaler(name, size, "meta", dtype)
+        upscaler = random_upscaler(name, size, "meta", dtype).configure(**(options or {}))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     cpu = torch.device("cpu")
 
@@ -538,10 +540,9 @@ def _count(model: str, size: str, height: int, width: int, frames: int, dtype: s
     """FLOPs, launches and the bound of streaming `frames` random LR frames, on fake tensors."""
     from zoo.bench.bounds import flop_bound
 
-    fake, mode = fake_upscaler(model, size, DTYPES[dtype])
-    # Compilation changes no count (the count runs eager), and its channels_last conversion cannot swap fake
-    # parameters on every PyTorch version.
-    fake.configure(**{key: value for key, value in (options or {}).items() if key != "compile"})
+    # Compilation changes no count (the count runs eager).
+    fake, mode = fake_upscaler(model, size, DTYPES[dtype],
+                               {key: value for key, value in (options or {}).items() if key != "compile"})
     scale = fake.scale
     if height % scale or width % scale:
         raise ValueError(f"{model} upscales x{scale}: height and width must divide by {scale}, got {height}x{width}")

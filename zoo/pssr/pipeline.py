@@ -57,13 +57,15 @@ FILES = {
 # frames and 3-D convolutions), so it grows with the pixels one sampler run sees (the tile, or the whole frame) and
 # barely with the chunk or the DiTs' dtype. Measured untiled: 1.263e9 bytes at LR 64x64 and 9 frames, 2.526e9 at
 # 64x128, 5.052e9 at 128x128, 17.76e9 at 180x320 (9 frames), 1.351e9 at 64x64 and 18.995e9 at 180x320 (33 frames),
-# in bfloat16; 1.287e9 and 1.422e9 at 64x64 (9, 33 frames) in float32: per pixel of a sampler run, a fixed part and
-# one per chunk frame, each keyed by the DiTs' bytes per element (exact at all of these). The frame-level rest, per
+# in bfloat16; 1.287e9 and 1.422e9 at 64x64 (9, 33 frames) in float32; with the VAE in bfloat16 (`float32_vae=False`)
+# 0.698e9 and 0.776e9 at 64x64 (9, 33 frames), 10.907e9 at 180x320 (33 frames). Per pixel of a sampler run, a fixed
+# part and one per chunk frame, keyed by the bytes per element of the DiTs and of the VAE (exact at all of these; the
+# frame-level terms are the same with either VAE). The frame-level rest, per
 # LR pixel of the whole frame and chunk frame: 256 bytes of blended HR tiles (0.038e9 over 64x64 tiles at 128x128,
 # 0.131e9 at 256x256, 9 frames; 0.247e9 at 128x256 and 0.543e9 over 128x128 tiles at 256x256, 33 frames: 222 to 256
 # measured, the largest kept), and 384 bytes of the previous chunk's HR frames once a clip has a second chunk
 # (0.014e9 at 64x64 and 9 frames, 0.027e9 at 17).
-SAMPLER_BYTES_PER_PIXEL = {2: (300_278, 894), 4: (301_724, 1_376)}
+SAMPLER_BYTES_PER_PIXEL = {(2, 4): (300_278, 894), (4, 4): (301_724, 1_376), (2, 2): (163_162, 794)}
 TILE_BYTES_PER_PIXEL_FRAME = 256
 STREAM_BYTES_PER_PIXEL_FRAME = 384
 
@@ -100,6 +102,9 @@ class PSSRUpscaler(VideoUpscaler):
     - `chunk_overlap`: frames shared by neighbouring chunks.
     - `tile`: side of square LR tiles (a multiple of 4), or None for whole frames.
     - `tile_overlap`: overlap of neighbouring tiles in LR pixels (a multiple of 4).
+    - `float32_vae`: keep the Wan VAE in float32 under a half dtype (True, as the Wan pipelines decode), or
+      run it in the model's dtype (False: at 720p output, 192.1 GB moved per frame instead of 318.8; see
+      `PSSRNet.set_float32_vae`). Setting it casts the VAE; back to True does not restore rounded weights.
     - `compile`: compile the DiT blocks and the VAE encoder and decoder one by one (`compile_modules`), or
       with `scope="step"` the sampler of each chunk (or tile), a fixed-shape step (see
       `VideoUpscaler.compiled`). The Wan VAE keeps the default memory format: its convolutions are
@@ -121,6 +126,7 @@ class PSSRUpscaler(VideoUpscaler):
         "chunk_overlap": 8,
         "tile": None,
         "tile_overlap": 32,
+        "float32_vae": True,
         "compile": False,
     }
     scales = (4,)
@@ -132,8 +138,15 @@ class PSSRUpscaler(VideoUpscaler):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The DiTs' compute dtype (the VAE and the DiTs' float32 islands stay float32 under a half dtype)."""
+        """The DiTs' compute dtype (the DiTs' float32 islands, and the VAE with `float32_vae`, stay float32 under a
+        half dtype)."""
         return self.net.dit_dtype
+
+    def configure(self, **options: Any) -> PSSRUpscaler:
+        super().configure(**options)
+        if "float32_vae" in options:
+            self.net.set_float32_vae(self.float32_vae)
+        return self
 
     def compile_modules(self) -> list[torch.nn.Module]:
         # The DiTs block by block: the base step hooks the blocks the draft reads (`PSSRNet.base_velocity`),
@@ -146,6 +159,8 @@ class PSSRUpscaler(VideoUpscaler):
     def check_options(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
+        if not isinstance(self.float32_vae, bool):
+            raise ValueError(f"float32_vae must be True or False, got {self.float32_vae!r}")
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
         if self.fdu_form not in FDU_FORMS:
@@ -171,8 +186,9 @@ class PSSRUpscaler(VideoUpscaler):
         multiple = self.net.size_multiple
         height, width = (-(-side // multiple) * multiple for side in (height, width))
         run_h, run_w = (height, width) if self.tile is None else (min(self.tile, height), min(self.tile, width))
-        # A dtype wider than float32 is costed as float32: the DiTs' share of the peak is the smaller one.
-        fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[min(torch.finfo(self.dtype).bits // 8, 4)]
+        # A dtype wider than float32 is costed as float32 (never used for inference; not measured).
+        dit, vae = (min(torch.finfo(dtype).bits // 8, 4) for dtype in (self.dtype, self.net.vae.dtype))
+        fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[dit, vae]
         frame_level = STREAM_BYTES_PER_PIXEL_FRAME + (0 if self.tile is None else TILE_BYTES_PER_PIXEL_FRAME)
         return int(run_h * run_w * (fixed + per_frame * self.chunk) + height * width * self.chunk * frame_level)
 
