@@ -592,10 +592,10 @@ class PSSRNet(nn.Module):
     def set_float32_vae(self, keep: bool) -> None:
         """Keep the VAE in float32 under a half dtype (`keep`, the default), or run it in the DiTs' dtype.
 
-        Casts the VAE now, and sets what later casts of the net do with it. A half VAE halves the decoder's
-        traffic: PS-SR's full network at 720p output in bfloat16 moves 192.1 GB per frame instead of 318.8 and
-        peaks at 10.9 GB beyond the weights instead of 19.0 (`zoo bench --count-only`). Casting back to float32
-        does not restore the rounded weights.
+        Casts the VAE now, and sets what later casts of the net do with it. With a bfloat16 VAE, PS-SR's full
+        network at 720p output in bfloat16 moves 192.1 GB per frame instead of 318.8 and peaks at 10.9 GB beyond
+        the weights instead of 19.0 (`zoo bench --count-only`). Casting back to float32 does not restore the
+        rounded weights.
         """
         self.float32_vae = keep
         nn.Module.to(self.vae, torch.float32 if keep else self.dit_dtype)  # diffusers' `to` warns on any cast

@@ -53,18 +53,18 @@ FILES = {
 }
 
 # Peak bytes beyond the weights, as `zoo bench --count-only` estimates them over the full network's stream() on fake
-# tensors (`zoo.bench.pipeline.DispatchCounter`). The peak is in the float32 Wan VAE decoder at HR size (its cached
-# frames and 3-D convolutions), so it grows with the pixels one sampler run sees (the tile, or the whole frame) and
-# barely with the chunk or the DiTs' dtype. Measured untiled: 1.263e9 bytes at LR 64x64 and 9 frames, 2.526e9 at
-# 64x128, 5.052e9 at 128x128, 17.76e9 at 180x320 (9 frames), 1.351e9 at 64x64 and 18.995e9 at 180x320 (33 frames),
-# in bfloat16; 1.287e9 and 1.422e9 at 64x64 (9, 33 frames) in float32; with the VAE in bfloat16 (`float32_vae=False`)
-# 0.698e9 and 0.776e9 at 64x64 (9, 33 frames), 10.907e9 at 180x320 (33 frames). Per pixel of a sampler run, a fixed
-# part and one per chunk frame, keyed by the bytes per element of the DiTs and of the VAE (exact at all of these; the
-# frame-level terms are the same with either VAE). The frame-level rest, per
-# LR pixel of the whole frame and chunk frame: 256 bytes of blended HR tiles (0.038e9 over 64x64 tiles at 128x128,
-# 0.131e9 at 256x256, 9 frames; 0.247e9 at 128x256 and 0.543e9 over 128x128 tiles at 256x256, 33 frames: 222 to 256
-# measured, the largest kept), and 384 bytes of the previous chunk's HR frames once a clip has a second chunk
-# (0.014e9 at 64x64 and 9 frames, 0.027e9 at 17).
+# tensors (`zoo.bench.pipeline.DispatchCounter`). The peak is in the Wan VAE decoder at HR size (its cached frames and
+# 3-D convolutions), so it grows with the pixels one sampler run sees (the tile, or the whole frame) and barely with
+# the chunk.
+# - Per pixel of a sampler run, a fixed part and one per chunk frame, keyed by the bytes per element of the DiTs and
+#   of the VAE (exact at each of these points). Measured untiled, float32 VAE: 1.263e9 bytes at LR 64x64 and 9
+#   frames, 2.526e9 at 64x128, 5.052e9 at 128x128, 17.76e9 at 180x320 (9 frames), 1.351e9 at 64x64 and 18.995e9 at
+#   180x320 (33 frames), with bfloat16 DiTs; 1.287e9 and 1.422e9 at 64x64 (9, 33 frames) in float32. With the VAE in
+#   bfloat16 too (`float32_vae=False`): 0.698e9 and 0.776e9 at 64x64 (9, 33 frames), 10.907e9 at 180x320 (33 frames).
+# - Per LR pixel of the whole frame and chunk frame, the same with either VAE: 256 bytes of blended HR tiles
+#   (0.038e9 over 64x64 tiles at 128x128, 0.131e9 at 256x256, 9 frames; 0.247e9 at 128x256 and 0.543e9 over 128x128
+#   tiles at 256x256, 33 frames: 222 to 256 measured, the largest kept), and 384 bytes of the previous chunk's HR
+#   frames once a clip has a second chunk (0.014e9 at 64x64 and 9 frames, 0.027e9 at 17).
 SAMPLER_BYTES_PER_PIXEL = {(2, 4): (300_278, 894), (4, 4): (301_724, 1_376), (2, 2): (163_162, 794)}
 TILE_BYTES_PER_PIXEL_FRAME = 256
 STREAM_BYTES_PER_PIXEL_FRAME = 384
