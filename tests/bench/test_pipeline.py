@@ -34,6 +34,16 @@ def test_flops_are_split_by_the_module_running_them(toy) -> None:
     assert flops["other"] == flops["total"] - flops["first conv"]
 
 
+def test_options_that_cast_weights_apply_before_the_weights_turn_fake() -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    upscaler, _ = bench.fake_upscaler("pssr", "tiny", torch.bfloat16, {"float32_vae": False, "chunk": 5, "chunk_overlap": 1})
+    weight = upscaler.net.vae.decoder.conv_out.weight
+    assert isinstance(weight, FakeTensor) and weight.dtype == torch.bfloat16 and upscaler.chunk == 5
+    upscaler, _ = bench.fake_upscaler("pssr", "tiny", torch.bfloat16)
+    assert upscaler.net.vae.decoder.conv_out.weight.dtype == torch.float32
+
+
 def test_the_memory_peak_follows_each_storage_from_its_making_to_its_last_tensor() -> None:
     host = torch.ones(1000)
     with torch.no_grad(), FakeTensorMode(), bench.DispatchCounter() as counter:
