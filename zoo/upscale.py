@@ -350,7 +350,10 @@ def check_target(job: VideoJob, source: SourceInfo, scale: int, *, audio: bool, 
 
 def _spell(name: str, value: Any, cli: bool) -> str:
     if cli:
-        return f"{OPTION_FLAGS[name][0]} {value}" if name in OPTION_FLAGS else f"--{name} {value}"
+        flag = OPTION_FLAGS[name][0] if name in OPTION_FLAGS else f"--{name}"
+        if isinstance(value, bool):  # an on/off flag: as typed, `--vae-tiling` or `--no-vae-tiling`
+            return flag if value else f"--no-{flag[2:]}"
+        return f"{flag} {value}"
     return f"{name}={value!r}"
 
 
