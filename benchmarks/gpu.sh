@@ -56,7 +56,7 @@ runs=()
 for model in $MODELS; do
   [[ $model == osdenhancer ]] && runs+=("osdenhancer:vae_tiling=False/eager")
   runs+=("$model/eager")
-  [[ $model == pssr ]] && runs+=("pssr:float32_vae=False/eager")
+  [[ $model == pssr ]] && runs+=("pssr:float32_vae=all/eager")
 done
 for model in osdiffvsr stream_diffvsr pssr osdenhancer; do
   [[ " $MODELS " == *" $model "* ]] && runs+=("$model/compiled")

@@ -234,9 +234,11 @@ def test_scales_and_options_a_model_does_not_take_are_named(tmp_path: Path, caps
         (["--model", "stream_diffvsr", "--chunk", "33"],
          "--chunk 33: stream_diffvsr takes no temporal chunks (it takes --color-fix, --compile, flow_resolution)"),
         (["--model", "osdiffvsr", "--seed", "3"], "--seed 3: osdiffvsr takes no seed"),
+        (["--model", "stream_diffvsr", "--float32-vae", "none"],
+         "--float32-vae none: stream_diffvsr takes no float32 VAE"),
         # on/off flags as typed
-        (["--model", "stream_diffvsr", "--no-float32-vae"], "--no-float32-vae: stream_diffvsr takes no float32 VAE"),
         (["--model", "pssr", "--vae-tiling"], "--vae-tiling: pssr takes no VAE tiles"),
+        (["--model", "pssr", "--no-vae-tiling"], "--no-vae-tiling: pssr takes no VAE tiles"),
         (["--model", "osdiffvsr", "--compile-scope", "step"], "--compile-scope needs --compile"),
         (["--model", "osdiffvsr", "--compile", "--compile-scope", "model"],
          "argument --compile-scope: must be one of networks, step, got 'model'"),

@@ -763,9 +763,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     options.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction,
                          help="run the VAE on its official overlapping tiles, or (--no-vae-tiling) on whole frames "
                               "(default: whole frames where they fit the free memory)")
-    options.add_argument("--float32-vae", action=argparse.BooleanOptionalAction,
-                         help="keep the VAE in float32 under --dtype bf16/fp16 (the default where the model "
-                              "takes it), or (--no-float32-vae) run it in that dtype: faster, less memory")
+    options.add_argument("--float32-vae", choices=("encoder", "all", "none"),
+                         help="the VAE parts kept in float32 under --dtype bf16/fp16, where the model takes it "
+                              "(default: encoder; none: faster, less memory)")
     out = p.add_argument_group("input and output")
     out.add_argument("--start", help="skip this much of each input: seconds or [HH:]MM:SS[.fff]")
     out.add_argument("--duration", help="upscale this much from --start: seconds or [HH:]MM:SS[.fff]")

@@ -37,11 +37,11 @@ def test_flops_are_split_by_the_module_running_them(toy) -> None:
 def test_options_that_cast_weights_apply_before_the_weights_turn_fake() -> None:
     from torch._subclasses.fake_tensor import FakeTensor
 
-    options = {"float32_vae": False, "chunk": 5, "chunk_overlap": 1}
+    options = {"float32_vae": "none", "chunk": 5, "chunk_overlap": 1}
     upscaler, _ = bench.fake_upscaler("pssr", "tiny", torch.bfloat16, options)
     weight = upscaler.net.vae.decoder.conv_out.weight
     assert isinstance(weight, FakeTensor) and weight.dtype == torch.bfloat16 and upscaler.chunk == 5
-    upscaler, _ = bench.fake_upscaler("pssr", "tiny", torch.bfloat16)
+    upscaler, _ = bench.fake_upscaler("pssr", "tiny", torch.bfloat16, {"float32_vae": "all"})
     assert upscaler.net.vae.decoder.conv_out.weight.dtype == torch.float32
 
 

@@ -539,15 +539,33 @@ def _keep_output(store: dict[int, Tensor], index: int, module: nn.Module, args: 
 # The generator -----------------------------------------------------------------------------------
 
 
+# The parts of the Wan VAE (`AutoencoderKLWan`'s four children) a half cast of `PSSRNet` keeps in float32, by
+# `float32_vae` setting. The default, "encoder", encodes in float32 and decodes in the DiTs' dtype:
+# - The encoder makes z_L, which seeds the base step and every draft step after it, so its rounding reaches the
+#   whole trajectory. FastVideo (hao-ai-lab/FastVideo#1472) and SGLang (sgl-project/sglang#32697) keep Wan's
+#   encode in float32 for that reason; a bfloat16 encode took Matrix-Game-2.0's causal Wan rollout from SSIM 0.98
+#   to 0.76 there.
+# - The decoder's rounding reaches only the output. Both projects decode Wan2.1 in bfloat16 by default (MS-SSIM
+#   0.9999 against float32 on the same latents, in FastVideo's PR). And the decoder is 31.4 of PS-SR's 41.2 TFLOP per
+#   720p output frame: with it in float32, an eager frame cannot take less than 132.6 ms on an H200 (the roofline of
+#   `zoo bench --count-only`, `benchmarks/counts/`), above the 130 ms target; decoding in bfloat16, 83.0 ms.
+# "all" is the Wan pipelines' float32 VAE; "none" casts the encoder too.
+FLOAT32_VAE_PARTS = {
+    "encoder": ("encoder", "quant_conv"),
+    "all": ("encoder", "quant_conv", "post_quant_conv", "decoder"),
+    "none": (),
+}
+
+
 class PSSRNet(nn.Module):
     """PS-SR: the base `phi_base` (Wan DiT + LoRA), the draft `phi_draft`, the Wan VAE and the text condition.
 
     `prompt_embeds` is the empty prompt's UMT5 embedding (`encode_wan_prompt`, once `load_base` ran;
     zeros in a randomly initialised net), so no text encoder runs at inference. Casting the net to a
     half dtype (`.to(torch.bfloat16)`) keeps float32 islands: the DiTs' `_keep_in_fp32_modules` (as
-    diffusers' `from_pretrained(torch_dtype=...)` does), the whole VAE (the Wan pipelines decode in
-    float32; `set_float32_vae(False)` casts it too) and the latent statistics; the flow steps and the
-    frequency-domain update run in float32.
+    diffusers' `from_pretrained(torch_dtype=...)` does), the VAE's encoder (`FLOAT32_VAE_PARTS`; the
+    decoder runs in the DiTs' dtype, and `set_float32_vae` changes which parts) and the latent
+    statistics; the flow steps and the frequency-domain update run in float32.
 
     Args:
         config: sizes and constants.
@@ -567,7 +585,7 @@ class PSSRNet(nn.Module):
         self.vae = AutoencoderKLWan(**config.vae)
         use_lean_wan_modules(self.vae)
         self.vae.requires_grad_(False)
-        self.float32_vae = True  # whether a half cast keeps the VAE in float32 (`set_float32_vae`)
+        self.float32_vae = "encoder"  # the VAE parts a half cast keeps in float32 (`set_float32_vae`)
         z_dim = self.vae.config.z_dim
         self.register_buffer("prompt_embeds", torch.zeros(1, config.prompt_length, config.transformer["text_dim"]))
         self.register_buffer("latents_mean", torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1),
@@ -589,16 +607,28 @@ class PSSRNet(nn.Module):
 
     # Float32 islands -----------------------------------------------------------------------------
 
-    def set_float32_vae(self, keep: bool) -> None:
-        """Keep the VAE in float32 under a half dtype (`keep`, the default), or run it in the DiTs' dtype.
+    def set_float32_vae(self, parts: str) -> None:
+        """Which parts of the VAE stay float32 under a half dtype: `"encoder"` (the default), `"all"` or `"none"`.
 
-        Casts the VAE now, and sets what later casts of the net do with it. With a bfloat16 VAE, PS-SR's full
-        network at 720p output in bfloat16 moves 192.1 GB per frame instead of 318.8 and peaks at 10.9 GB beyond
-        the weights instead of 19.0 (`zoo bench --count-only`). Casting back to float32 does not restore the
-        rounded weights.
+        Casts the VAE now, and sets what later casts of the net do with it (`FLOAT32_VAE_PARTS`). Casting back
+        to float32 does not restore rounded weights.
         """
-        self.float32_vae = keep
-        nn.Module.to(self.vae, torch.float32 if keep else self.dit_dtype)  # diffusers' `to` warns on any cast
+        if parts not in FLOAT32_VAE_PARTS:
+            raise ValueError(f"float32_vae must be one of {', '.join(FLOAT32_VAE_PARTS)}, got {parts!r}")
+        self.float32_vae = parts
+        for name, child in self.vae.named_children():
+            # diffusers' `ModelMixin.to` warns on any cast, so the plain module's.
+            nn.Module.to(child, torch.float32 if name in FLOAT32_VAE_PARTS[parts] else self.dit_dtype)
+
+    @property
+    def vae_encoder_dtype(self) -> torch.dtype:
+        """The dtype the VAE encodes in."""
+        return self.vae.quant_conv.weight.dtype
+
+    @property
+    def vae_decoder_dtype(self) -> torch.dtype:
+        """The dtype the VAE decodes in."""
+        return self.vae.post_quant_conv.weight.dtype
 
     def _float32_islands(self) -> list[tuple[nn.Module, str, Tensor]]:
         islands: list[tuple[nn.Module, str, Tensor]] = []
@@ -608,10 +638,11 @@ class PSSRNet(nn.Module):
                 if any(part in keep for part in name.split(".")):
                     owner, _, attr = name.rpartition(".")
                     islands.append((model.get_submodule(owner), attr, tensor))
-        if self.float32_vae:
-            for name, tensor in [*self.vae.named_parameters(), *self.vae.named_buffers()]:
+        for part in FLOAT32_VAE_PARTS[self.float32_vae]:
+            child = self.vae.get_submodule(part)
+            for name, tensor in [*child.named_parameters(), *child.named_buffers()]:
                 owner, _, attr = name.rpartition(".")
-                islands.append((self.vae.get_submodule(owner), attr, tensor))
+                islands.append((child.get_submodule(owner), attr, tensor))
         islands += [(self, "latents_mean", self.latents_mean), (self, "latents_std", self.latents_std)]
         return islands
 
@@ -658,7 +689,7 @@ class PSSRNet(nn.Module):
         as the Wan pipelines do.
         """
         vae = self.vae
-        video = (frames.transpose(1, 2) * 2 - 1).to(vae.dtype)
+        video = (frames.transpose(1, 2) * 2 - 1).to(self.vae_encoder_dtype)
         latents = vae.encode(video).latent_dist.mode().float()
         return (latents - self.latents_mean) / self.latents_std
 
@@ -670,7 +701,7 @@ class PSSRNet(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         """E^{-1}: frames `(B, T, 3, H, W)` in [0, 1], float32, of normalised latents (gradients flow)."""
         vae = self.vae
-        video = vae.decode((latents.float() * self.latents_std + self.latents_mean).to(vae.dtype)).sample
+        video = vae.decode((latents.float() * self.latents_std + self.latents_mean).to(self.vae_decoder_dtype)).sample
         return ((video.float() + 1) / 2).transpose(1, 2)
 
     def dit_velocity(self, model: nn.Module, z: Tensor, timestep: Tensor | float) -> Tensor:

@@ -43,7 +43,7 @@ from zoo.components.upscaler import (
     read_weight_files,
     save_weight_files,
 )
-from zoo.pssr.network import ALPHA, FDU_FORMS, FDU_SIGMA, NUM_STEPS, PSSRConfig, PSSRNet
+from zoo.pssr.network import ALPHA, FDU_FORMS, FDU_SIGMA, FLOAT32_VAE_PARTS, NUM_STEPS, PSSRConfig, PSSRNet
 
 FILES = {
     "adapters": "adapters.safetensors",
@@ -53,19 +53,27 @@ FILES = {
 }
 
 # Peak bytes beyond the weights, as `zoo bench --count-only` estimates them over the full network's stream() on fake
-# tensors (`zoo.bench.pipeline.DispatchCounter`). The peak is in the Wan VAE decoder at HR size (its cached frames and
-# 3-D convolutions), so it grows with the pixels one sampler run sees (the tile, or the whole frame) and barely with
-# the chunk.
-# - Per pixel of a sampler run, a fixed part and one per chunk frame, keyed by the bytes per element of the DiTs and
-#   of the VAE (exact at each of these points). Measured untiled, float32 VAE: 1.263e9 bytes at LR 64x64 and 9
-#   frames, 2.526e9 at 64x128, 5.052e9 at 128x128, 17.76e9 at 180x320 (9 frames), 1.351e9 at 64x64 and 18.995e9 at
-#   180x320 (33 frames), with bfloat16 DiTs; 1.287e9 and 1.422e9 at 64x64 (9, 33 frames) in float32. With the VAE in
-#   bfloat16 too (`float32_vae=False`): 0.698e9 and 0.776e9 at 64x64 (9, 33 frames), 10.907e9 at 180x320 (33 frames).
-# - Per LR pixel of the whole frame and chunk frame, the same with either VAE: 256 bytes of blended HR tiles
+# tensors (`zoo.bench.pipeline.DispatchCounter`). The peak is in the Wan VAE at HR size (its cached frames and 3-D
+# convolutions: the decoder's with a float32 decoder, else the float32 encoder's), so it grows with the pixels one
+# sampler run sees (the tile, or the whole frame) and barely with the chunk.
+# - Per pixel of a sampler run, a fixed part and one per chunk frame, keyed by the bytes per element of the DiTs, the
+#   VAE encoder and the VAE decoder (exact at each of these points; measured untiled, bfloat16 DiTs unless said):
+#   - float32 encoder, bfloat16 decoder (`float32_vae="encoder"`): 0.886e9 bytes at LR 64x64 and 9 frames, 0.926e9
+#     at 33; 1.773e9 at 64x128, 3.545e9 at 128x128, 12.464e9 at 180x320 (9 frames), 13.023e9 at 180x320 (33);
+#   - float32 VAE (`"all"`): 1.263e9 at 64x64 and 9 frames, 2.526e9 at 64x128, 5.052e9 at 128x128, 17.76e9 at
+#     180x320 (9 frames), 1.351e9 at 64x64 and 18.995e9 at 180x320 (33 frames); 1.287e9 and 1.422e9 at 64x64 (9,
+#     33 frames) with float32 DiTs;
+#   - bfloat16 VAE (`"none"`): 0.698e9 and 0.776e9 at 64x64 (9, 33 frames), 10.907e9 at 180x320 (33 frames).
+# - Per LR pixel of the whole frame and chunk frame, the same with any VAE: 256 bytes of blended HR tiles
 #   (0.038e9 over 64x64 tiles at 128x128, 0.131e9 at 256x256, 9 frames; 0.247e9 at 128x256 and 0.543e9 over 128x128
 #   tiles at 256x256, 33 frames: 222 to 256 measured, the largest kept), and 384 bytes of the previous chunk's HR
 #   frames once a clip has a second chunk (0.014e9 at 64x64 and 9 frames, 0.027e9 at 17).
-SAMPLER_BYTES_PER_PIXEL = {(2, 4): (300_278, 894), (4, 4): (301_724, 1_376), (2, 2): (163_162, 794)}
+SAMPLER_BYTES_PER_PIXEL = {
+    (2, 4, 2): (212_760, 404),
+    (2, 4, 4): (300_278, 894),
+    (4, 4, 4): (301_724, 1_376),
+    (2, 2, 2): (163_162, 794),
+}
 TILE_BYTES_PER_PIXEL_FRAME = 256
 STREAM_BYTES_PER_PIXEL_FRAME = 384
 
@@ -102,9 +110,10 @@ class PSSRUpscaler(VideoUpscaler):
     - `chunk_overlap`: frames shared by neighbouring chunks.
     - `tile`: side of square LR tiles (a multiple of 4), or None for whole frames.
     - `tile_overlap`: overlap of neighbouring tiles in LR pixels (a multiple of 4).
-    - `float32_vae`: keep the Wan VAE in float32 under a half dtype (True, as the Wan pipelines decode), or
-      run it in the model's dtype (False: at 720p output, 192.1 GB moved per frame instead of 318.8; see
-      `PSSRNet.set_float32_vae`). Setting it casts the VAE; back to True does not restore rounded weights.
+    - `float32_vae`: the parts of the Wan VAE kept in float32 under a half dtype: `"encoder"` (the default:
+      encode in float32, decode in the model's dtype), `"all"` (as the Wan pipelines run it) or `"none"`; see
+      `FLOAT32_VAE_PARTS` for why, and the README for what each costs. Setting it casts the VAE; back to
+      float32 does not restore rounded weights.
     - `compile`: compile the DiT blocks and the VAE encoder and decoder one by one (`compile_modules`), or
       with `scope="step"` the sampler of each chunk (or tile), a fixed-shape step (see
       `VideoUpscaler.compiled`). The Wan VAE keeps the default memory format: its convolutions are
@@ -126,7 +135,7 @@ class PSSRUpscaler(VideoUpscaler):
         "chunk_overlap": 8,
         "tile": None,
         "tile_overlap": 32,
-        "float32_vae": True,
+        "float32_vae": "encoder",
         "compile": False,
     }
     scales = (4,)
@@ -138,8 +147,8 @@ class PSSRUpscaler(VideoUpscaler):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The DiTs' compute dtype (the DiTs' float32 islands, and the VAE with `float32_vae`, stay float32 under a
-        half dtype)."""
+        """The DiTs' compute dtype (the DiTs' float32 islands, and the VAE parts `float32_vae` names, stay float32
+        under a half dtype)."""
         return self.net.dit_dtype
 
     def configure(self, **options: Any) -> PSSRUpscaler:
@@ -159,8 +168,8 @@ class PSSRUpscaler(VideoUpscaler):
     def check_options(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
-        if not isinstance(self.float32_vae, bool):
-            raise ValueError(f"float32_vae must be True or False, got {self.float32_vae!r}")
+        if self.float32_vae not in FLOAT32_VAE_PARTS:
+            raise ValueError(f"float32_vae must be one of {', '.join(FLOAT32_VAE_PARTS)}, got {self.float32_vae!r}")
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
         if self.fdu_form not in FDU_FORMS:
@@ -187,8 +196,8 @@ class PSSRUpscaler(VideoUpscaler):
         height, width = (-(-side // multiple) * multiple for side in (height, width))
         run_h, run_w = (height, width) if self.tile is None else (min(self.tile, height), min(self.tile, width))
         # A dtype wider than float32 is costed as float32 (never used for inference; not measured).
-        dit, vae = (min(torch.finfo(dtype).bits // 8, 4) for dtype in (self.dtype, self.net.vae.dtype))
-        fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[dit, vae]
+        dtypes = (self.dtype, self.net.vae_encoder_dtype, self.net.vae_decoder_dtype)
+        fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[tuple(min(torch.finfo(dtype).bits // 8, 4) for dtype in dtypes)]
         frame_level = STREAM_BYTES_PER_PIXEL_FRAME + (0 if self.tile is None else TILE_BYTES_PER_PIXEL_FRAME)
         return int(run_h * run_w * (fixed + per_frame * self.chunk) + height * width * self.chunk * frame_level)
 
@@ -196,9 +205,9 @@ class PSSRUpscaler(VideoUpscaler):
         """Whole frames where they fit `MEMORY_HEADROOM` of `free_bytes`, else the largest tile that fits
         (`fitting_tile`).
 
-        At 720p output in bfloat16 a clip in 33-frame chunks of whole frames needs about 19.7 GB beyond the 4.4 GB of
-        weights: a 40 GB GPU runs it whole; with 24 GB free it runs in tiles of 256 LR pixels, with 19 GB in tiles
-        of 192.
+        At 720p output in bfloat16 a clip in 33-frame chunks of whole frames needs about 13.8 GB beyond the 4.3 GB of
+        weights: with 24 GB free it runs whole, with 16 GB in tiles of 256 LR pixels, with 14 GB in tiles of 192
+        (with the whole VAE in float32, 19.7 GB: tiles of 256 with 24 GB free).
         """
         return self.fitting_tile(height, width, free_bytes)
 
