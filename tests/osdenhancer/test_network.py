@@ -91,6 +91,12 @@ def test_eq5_gated_lora_on_known_tensors() -> None:
     assert torch.equal(out, torch.tensor([[[9.0, 12.0]]]))
     # A new expert adds nothing: B starts at zero.
     assert torch.equal(GatedLoRA(2, 2, 4, 4.0)(torch.ones(1, 1, 2), torch.ones(1, 1, 2)), torch.zeros(1, 1, 2))
+    # alpha = r (the published experts): scaling 1, the delta times the gate alone.
+    unit = GatedLoRA(2, 2, rank=1, alpha=1.0)
+    with torch.no_grad():
+        unit.lora_A.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        unit.lora_B.weight.copy_(torch.tensor([[3.0], [-1.0]]))
+    assert torch.equal(unit(torch.tensor([[[1.0, 1.0]]]), torch.tensor([[[0.5, -2.0]]])), torch.tensor([[[4.5, 6.0]]]))
 
 
 def test_tr_deltas_reach_video_tokens_only() -> None:
@@ -98,6 +104,12 @@ def test_tr_deltas_reach_video_tokens_only() -> None:
     x = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1)
     assert torch.equal(add_to_video_tokens(x, torch.tensor([10.0, 20.0]).view(1, 2, 1), 1),
                        torch.tensor([1.0, 12.0, 23.0]).view(1, 3, 1))
+    # In place on a projection's output, and gradients still reach the projection and the delta.
+    layer, delta = torch.nn.Linear(1, 1), torch.tensor([[[10.0], [20.0]]], requires_grad=True)
+    with torch.no_grad():
+        layer.weight.fill_(2.0), layer.bias.fill_(0.0)
+    add_to_video_tokens(layer(torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1)), delta, 1).sum().backward()
+    assert layer.weight.grad.item() == 6.0 and torch.equal(delta.grad, torch.ones(1, 2, 1))
 
 
 def test_residual_patch_embedding_gates_are_a_linear_map_of_abs_clamped_residuals_in_patch_order() -> None:

@@ -331,12 +331,20 @@ class GatedLoRA(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """`gate ⊙ scaling · B A x` for video tokens `x (B, N, in)` and gates `(B, N, out)`."""
-        return self.lora_B(self.lora_A(x)) * self.scaling * gate  # Eq. (5), OSDEnhancer: m ⊙ B_TR A_TR z
+        delta = self.lora_B(self.lora_A(x))
+        if self.scaling != 1:  # the published experts have alpha = r: times 1 is a pass over the delta for nothing
+            delta = delta * self.scaling
+        return delta * gate  # Eq. (5), OSDEnhancer: m ⊙ B_TR A_TR z
 
 
 def add_to_video_tokens(x: Tensor, delta: Tensor, text_length: int) -> Tensor:
-    """`x + [0_text; delta]`: a delta of the video tokens added after the text tokens of `x (B, L, C)`."""
-    return torch.cat([x[:, :text_length], x[:, text_length:] + delta], dim=1)
+    """`x + [0_text; delta]`: a delta of the video tokens added after the text tokens of `x (B, L, C)`, in place.
+
+    `x` is a projection's fresh output, which no backward needs (a linear layer's keeps its input), so it
+    is updated in place rather than rebuilt by concatenation: the same values, without copying all of `x`.
+    """
+    x[:, text_length:] += delta
+    return x
 
 
 class TemporalRefinementAttnProcessor:
