@@ -21,6 +21,7 @@ from zoo.pssr.network import (
     DraftTransformer,
     LatentDiscriminator,
     LeanWanCausalConv3d,
+    LeanWanResidualBlock,
     LeanWanRMSNorm,
     PSSRConfig,
     PSSRNet,
@@ -488,6 +489,69 @@ def test_lean_causal_conv_is_diffusers_causal_conv(kernel, padding, cached) -> N
     assert conv.padding == (0, 0, 0)  # the module's own padding stays diffusers' (the causal one is `_padding`)
 
 
+def _residual_blocks_as_diffusers(vae: torch.nn.Module) -> torch.nn.Module:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
+
+    vae = copy.deepcopy(vae)
+    for module in vae.modules():
+        if isinstance(module, LeanWanResidualBlock):
+            module.__class__ = WanResidualBlock
+    return vae
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_residual_blocks_encode_and_decode_as_diffusers(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    lean = torch.nn.Module.to(PSSRNet(PSSRConfig.tiny()).vae, dtype)
+    plain = _residual_blocks_as_diffusers(lean)
+    # 9 frames: the encoder takes 1 + 4 + 4 (caches of 1, then 2 frames), the decoder 3 latent frames (1 + 2 + 2
+    # frames at its finest blocks), so every cache case runs.
+    video = torch.rand(1, 3, 9, 16, 24, generator=torch.Generator().manual_seed(1)).to(dtype) * 2 - 1
+    with torch.no_grad():
+        latents, theirs = lean.encode(video).latent_dist.mode(), plain.encode(video).latent_dist.mode()
+        decoded, their_decoded = lean.decode(latents).sample, plain.decode(latents).sample
+    assert decoded.shape == (1, 3, 9, 16, 24)
+    if dtype == torch.bfloat16:  # to the bit (three seeds measured)
+        assert torch.equal(latents, theirs) and torch.equal(decoded, their_decoded)
+    else:  # the CPU's SiLU rounds float32's last bit by the row (the class docstring): measured at most 4.2e-6
+        assert torch.allclose(latents, theirs, atol=1e-6, rtol=0)
+        assert torch.allclose(decoded, their_decoded, atol=2e-5, rtol=0)
+
+
+def test_lean_residual_block_caches_what_diffusers_caches() -> None:
+    torch.manual_seed(0)
+    block = PSSRNet(PSSRConfig.tiny()).vae.decoder.up_blocks[0].resnets[0]
+    assert isinstance(block, LeanWanResidualBlock)
+    plain = _residual_blocks_as_diffusers(block)
+    first, second = torch.randn(1, block.in_dim, 1, 4, 6), torch.randn(1, block.in_dim, 3, 4, 6)
+    caches = {"lean": [None, None], "plain": [None, None]}
+    with torch.no_grad():
+        for x in (first, second, first):  # no cache, a 1-frame cache, then a 2-frame cache
+            out = {name: module(x, caches[name], [0]) for name, module in (("lean", block), ("plain", plain))}
+            assert torch.allclose(out["lean"], out["plain"], atol=1e-6, rtol=0)  # measured: 2.4e-7
+            assert all(a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=0)
+                       for a, b in zip(caches["lean"], caches["plain"]))
+    assert [c.shape[2] for c in caches["lean"]] == [2, 2]
+    # And without copying the activations: fewer bytes moved over the same three calls.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zoo.bench.pipeline import DispatchCounter
+
+    moved = {}
+    for name, module in (("lean", block), ("plain", plain)):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), DispatchCounter() as counter:
+            cache = [None, None]
+            for x in (first, second, first):
+                module(mode.from_tensor(x), cache, [0])
+        moved[name] = counter.bytes_moved
+    activations = 2 * (1 + 3 + 1) * block.in_dim * 4 * 6 * 4  # each conv's activations, float32, over the 3 calls
+    assert moved["lean"] <= moved["plain"] - 2 * activations  # not read and written again by a concatenation
+    # Where autograd records, diffusers' forward runs (the `out=` writes record no gradients).
+    x = first.clone().requires_grad_()
+    block(x, [None, None], [0]).sum().backward()
+    assert x.grad is not None
+
+
 def test_the_pssr_vae_runs_the_lean_modules_and_loads_the_same_names() -> None:
     from diffusers import AutoencoderKLWan
 
@@ -495,7 +559,8 @@ def test_the_pssr_vae_runs_the_lean_modules_and_loads_the_same_names() -> None:
     net = PSSRNet(config)
     plain = AutoencoderKLWan(**config.vae)
     kinds = {type(m).__name__ for m in net.vae.modules()}
-    assert {"LeanWanRMSNorm", "LeanWanCausalConv3d"} <= kinds and not {"WanRMS_norm", "WanCausalConv3d"} & kinds
+    assert {"LeanWanRMSNorm", "LeanWanCausalConv3d", "LeanWanResidualBlock"} <= kinds
+    assert not {"WanRMS_norm", "WanCausalConv3d", "WanResidualBlock"} & kinds
     assert list(net.vae.state_dict()) == list(plain.state_dict())
     assert use_lean_wan_modules(plain) == sum(type(m).__name__.startswith("Lean") for m in net.vae.modules())
 

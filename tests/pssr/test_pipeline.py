@@ -330,10 +330,9 @@ def test_memory_estimate_bounds_the_full_networks_counted_peak() -> None:
     import zoo.bench.pipeline as bench
 
     # The full network on fake tensors, a clip of two 5-frame chunks at LR 32 x 32 (the fit is from 9- and 33-frame
-    # chunks at 64 x 64 and up). Measured: 9.95% above with the default float32 encoder and bfloat16 decoder (5-frame
-    # chunks peak lower than the fit; two 9-frame chunks at 32 x 32 come within 36 bytes), 2.3% above with the whole
-    # VAE in float32.
-    for parts, above in [("encoder", 1.12), ("all", 1.05)]:
+    # chunks at 64 x 64 and up). Measured: 13.5% above with the default float32 encoder and bfloat16 decoder (5-frame
+    # chunks peak lower than the fit), 4.5% above with the whole VAE in float32.
+    for parts, above in [("encoder", 1.15), ("all", 1.06)]:
         up, mode = bench.fake_upscaler("pssr", "full", torch.bfloat16, {"float32_vae": parts, "chunk": 5,
                                                                          "chunk_overlap": 1})
         counted = bench.count_stream(up, mode, list(bench.random_frames(9, 32, 32))).peak_bytes

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock, WanRMS_norm
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -488,12 +488,18 @@ class LeanWanRMSNorm(WanRMS_norm):
     the module is diffusers' and only its forward changes (`use_lean_wan_modules`).
     """
 
+    def _factor(self, x: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(x, dim=1 if self.channel_first else -1, keepdim=True, dtype=torch.float32)
+        return (self.scale / norm.clamp_min(1e-12)).to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        dim = 1 if self.channel_first else -1
-        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-        factor = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)
-        out = (x * factor).mul_(self.gamma)
+        out = (x * self._factor(x)).mul_(self.gamma)
         return out + self.bias if isinstance(self.bias, nn.Parameter) else out  # diffusers adds a float 0.0
+
+    def write(self, x: Tensor, out: Tensor) -> Tensor:
+        """`forward(x)` written into `out` (a view of a larger buffer), to the bit; returns `out`. No autograd."""
+        torch.mul(x, self._factor(x), out=out).mul_(self.gamma)
+        return out.add_(self.bias) if isinstance(self.bias, nn.Parameter) else out
 
 
 class LeanWanCausalConv3d(WanCausalConv3d):
@@ -505,20 +511,91 @@ class LeanWanCausalConv3d(WanCausalConv3d):
     """
 
     def forward(self, x: Tensor, cache_x: Tensor | None = None) -> Tensor:
-        pad_w, _, pad_h, _, pad_t, _ = self._padding
+        pad_t = self._padding[4]
         if cache_x is not None and pad_t > 0:
             x = torch.cat([cache_x.to(x.device), x], dim=2)
             pad_t -= cache_x.shape[2]
         if pad_t > 0:
             x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+        return self.convolve_padded(x)
+
+    def convolve_padded(self, x: Tensor) -> Tensor:
+        """The convolution of an input already padded in time (its `_padding[4]` frames in front)."""
+        pad_w, _, pad_h = self._padding[:3]
         return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
 
 
-LEAN_WAN_MODULES = {WanRMS_norm: LeanWanRMSNorm, WanCausalConv3d: LeanWanCausalConv3d}
+class LeanWanResidualBlock(WanResidualBlock):
+    """diffusers' `WanResidualBlock` with each activation written straight into its convolution's padded input.
+
+    Decoding and encoding frame by frame, diffusers builds each causal convolution's input by concatenating the
+    cached frames and the activation `silu(norm(x))` (a copy of the whole input; where the cache is short, `F.pad`
+    copies it again to add zero frames). Here the input is one buffer: the zero frames and the cached frames are
+    written at its front, and the norm and the activation write theirs behind them, so the activation is never
+    copied. Per 720p output frame of PS-SR in bfloat16 (`benchmarks/counts/`): 36.1 → 4.1 concatenations, and
+    210.4 → 179.5 GB moved.
+
+    The convolutions see the same values in the same layout, up to the SiLU's last bit: the CPU's vectorised and
+    scalar SiLU loops round float32 differently, and a row of the buffer's strided view ends them elsewhere (a tiny
+    Wan VAE encodes and decodes to the bit in bfloat16, within 4.2e-6 in float32). Written here because the block
+    is diffusers' and only its forward changes (`use_lean_wan_modules`).
+
+    Where autograd records (PS-SR's training decodes with gradients; `out=` writes record none), without a frame
+    cache, or with an activation, dropout or cached frames this does not cover, diffusers' forward runs.
+    """
+
+    def forward(self, x: Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> Tensor:  # noqa: B006
+        if not self._runs_lean(feat_cache, feat_idx):
+            return super().forward(x, feat_cache, feat_idx)
+        shortcut = self.conv_shortcut(x)
+        x = self._activate_and_convolve(x, self.norm1, self.conv1, feat_cache, feat_idx)
+        x = self._activate_and_convolve(x, self.norm2, self.conv2, feat_cache, feat_idx)
+        return x + shortcut
+
+    def _runs_lean(self, feat_cache: list | None, feat_idx: list[int]) -> bool:
+        if feat_cache is None or torch.is_grad_enabled() or not isinstance(self.nonlinearity, nn.SiLU):
+            return False
+        if self.training and self.dropout.p > 0:
+            return False
+        if not all(isinstance(norm, LeanWanRMSNorm) for norm in (self.norm1, self.norm2)):
+            return False
+        if not all(isinstance(conv, LeanWanCausalConv3d) for conv in (self.conv1, self.conv2)):
+            return False
+        # Each convolution's cached frames (None on the first call) must fit in front of its time padding.
+        caches = feat_cache[feat_idx[0]:feat_idx[0] + 2]
+        return all(cached is None or (isinstance(cached, Tensor) and cached.shape[2] <= conv._padding[4])
+                   for cached, conv in zip(caches, (self.conv1, self.conv2)))
+
+    @staticmethod
+    def _activate_and_convolve(x: Tensor, norm: LeanWanRMSNorm, conv: LeanWanCausalConv3d, feat_cache: list,
+                               feat_idx: list[int]) -> Tensor:
+        """`conv(silu(norm(x)), cache)`, updating the frame cache as diffusers does."""
+        index = feat_idx[0]
+        cached = feat_cache[index]
+        held = 0 if cached is None else cached.shape[2]
+        pad, frames = conv._padding[4], x.shape[2]
+        buffer = x.new_empty(x.shape[0], x.shape[1], pad + frames, *x.shape[3:])
+        if held < pad:
+            buffer[:, :, :pad - held].zero_()
+        if held:
+            buffer[:, :, pad - held:pad].copy_(cached)
+        F.silu(norm.write(x, buffer[:, :, pad:]), inplace=True)
+        # diffusers caches the activation's last 2 frames, or its only frame behind the last cached one.
+        keep = min(2, frames + (1 if held else 0))
+        feat_cache[index] = buffer[:, :, pad + frames - keep:].clone()
+        feat_idx[0] += 1
+        return conv.convolve_padded(buffer)
+
+
+LEAN_WAN_MODULES = {
+    WanRMS_norm: LeanWanRMSNorm,
+    WanCausalConv3d: LeanWanCausalConv3d,
+    WanResidualBlock: LeanWanResidualBlock,
+}
 
 
 def use_lean_wan_modules(vae: AutoencoderKLWan) -> int:
-    """Run `vae`'s RMS norms and causal convolutions as `LeanWanRMSNorm` / `LeanWanCausalConv3d`; returns how many.
+    """Run `vae`'s RMS norms, causal convolutions and residual blocks as their lean classes; returns how many.
 
     The modules keep their parameters and names (the published weights load as before); only the class, and so
     the forward, changes.
@@ -547,8 +624,8 @@ def _keep_output(store: dict[int, Tensor], index: int, module: nn.Module, args: 
 #   to 0.76 there.
 # - The decoder's rounding reaches only the output. Both projects decode Wan2.1 in bfloat16 by default (MS-SSIM
 #   0.9999 against float32 on the same latents, in FastVideo's PR). And the decoder is 31.4 of PS-SR's 41.2 TFLOP per
-#   720p output frame: with it in float32, an eager frame cannot take less than 132.6 ms on an H200 (the roofline of
-#   `zoo bench --count-only`, `benchmarks/counts/`), above the 130 ms target; decoding in bfloat16, 83.0 ms.
+#   720p output frame: an eager frame's floor on an H200 (the roofline of `zoo bench --count-only`,
+#   `benchmarks/counts/`) is 121.3 ms with it in float32, 76.5 ms decoding in bfloat16.
 # "all" is the Wan pipelines' float32 VAE; "none" casts the encoder too.
 FLOAT32_VAE_PARTS = {
     "encoder": ("encoder", "quant_conv"),
