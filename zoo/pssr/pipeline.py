@@ -54,8 +54,8 @@ FILES = {
 
 # Peak bytes beyond the weights, as `zoo bench --count-only` estimates them over the full network's stream() on fake
 # tensors (`zoo.bench.pipeline.DispatchCounter`). The peak is in the Wan VAE at HR size (its cached frames and 3-D
-# convolutions: the decoder's with a float32 decoder, else the float32 encoder's), so it grows with the pixels one
-# sampler run sees (the tile, or the whole frame) and barely with the chunk.
+# convolutions), so it grows with the pixels one sampler run sees (the tile, or the whole frame) and barely with the
+# chunk.
 # - Per pixel of a sampler run, a fixed part and one per chunk frame, keyed by the bytes per element of the DiTs, the
 #   VAE encoder and the VAE decoder (exact at each of these points; measured untiled, bfloat16 DiTs unless said):
 #   - float32 encoder, bfloat16 decoder (`float32_vae="encoder"`): 0.886e9 bytes at LR 64x64 and 9 frames, 0.926e9
