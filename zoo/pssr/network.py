@@ -540,8 +540,10 @@ class LeanWanResidualBlock(WanResidualBlock):
     Wan VAE encodes and decodes to the bit in bfloat16, within 4.2e-6 in float32). Written here because the block
     is diffusers' and only its forward changes (`use_lean_wan_modules`).
 
-    Where autograd records (PS-SR's training decodes with gradients; `out=` writes record none), without a frame
-    cache, or with an activation, dropout or cached frames this does not cover, diffusers' forward runs.
+    Where autograd records (PS-SR's training decodes with gradients; `out=` writes record none), under
+    `torch.compile` (whose dynamo stops its graph at an `out=` write into a view, and whose inductor fuses the
+    concatenation with the operators that make it), without a frame cache, or with an activation, dropout or cached
+    frames this does not cover, diffusers' forward runs.
     """
 
     def forward(self, x: Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> Tensor:  # noqa: B006
@@ -554,6 +556,8 @@ class LeanWanResidualBlock(WanResidualBlock):
 
     def _runs_lean(self, feat_cache: list | None, feat_idx: list[int]) -> bool:
         if feat_cache is None or torch.is_grad_enabled() or not isinstance(self.nonlinearity, nn.SiLU):
+            return False
+        if torch.compiler.is_compiling():  # dynamo breaks the graph at `out=` into a view; inductor fuses the copies
             return False
         if self.training and self.dropout.p > 0:
             return False
