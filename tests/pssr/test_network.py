@@ -23,6 +23,7 @@ from zoo.pssr.network import (
     LeanWanCausalConv3d,
     LeanWanResidualBlock,
     LeanWanRMSNorm,
+    LeanWanUpsample,
     PSSRConfig,
     PSSRNet,
     flow_interpolate,
@@ -579,6 +580,35 @@ def test_lean_residual_blocks_compile_to_diffusers_graphs() -> None:
     assert counts["lean"] == counts["plain"] <= 3  # the first latent frame, the next, and the last (measured: 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lean_upsample_is_diffusers_upsample_to_the_bit_without_float32(dtype: torch.dtype) -> None:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpsample
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zoo.bench.pipeline import DispatchCounter
+
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    plain, lean = WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), LeanWanUpsample(
+        scale_factor=(2.0, 2.0), mode="nearest-exact")
+    out = lean(x)
+    assert out.dtype == dtype and out.shape == (2, 3, 10, 14) and torch.equal(out, plain(x))
+    assert torch.equal(out[..., ::2, ::2], x) and torch.equal(out[..., 1::2, 1::2], x)  # each pixel made 2 x 2
+    # Another mode computes new values: diffusers' float32 way.
+    bilinear = LeanWanUpsample(scale_factor=2.0, mode="bilinear")
+    bilinear.__class__ = WanUpsample
+    reference = bilinear(x)
+    bilinear.__class__ = LeanWanUpsample
+    assert torch.equal(bilinear(x), reference)
+    if dtype == torch.bfloat16:  # and moves fewer bytes: no casts
+        moved = {}
+        for name, module in (("lean", lean), ("plain", plain)):
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, DispatchCounter() as counter:
+                module(mode.from_tensor(torch.zeros(1, 8, 16, 16, dtype=dtype)))
+            moved[name] = counter.bytes_moved
+        size = 8 * 16 * 16 * 2  # the input's bytes; measured: 6 and 26 times it
+        assert moved["lean"] <= 6 * size and moved["plain"] >= 4 * moved["lean"]
+
+
 def test_the_pssr_vae_runs_the_lean_modules_and_loads_the_same_names() -> None:
     from diffusers import AutoencoderKLWan
 
@@ -586,8 +616,8 @@ def test_the_pssr_vae_runs_the_lean_modules_and_loads_the_same_names() -> None:
     net = PSSRNet(config)
     plain = AutoencoderKLWan(**config.vae)
     kinds = {type(m).__name__ for m in net.vae.modules()}
-    assert {"LeanWanRMSNorm", "LeanWanCausalConv3d", "LeanWanResidualBlock"} <= kinds
-    assert not {"WanRMS_norm", "WanCausalConv3d", "WanResidualBlock"} & kinds
+    assert {"LeanWanRMSNorm", "LeanWanCausalConv3d", "LeanWanResidualBlock", "LeanWanUpsample"} <= kinds
+    assert not {"WanRMS_norm", "WanCausalConv3d", "WanResidualBlock", "WanUpsample"} & kinds
     assert list(net.vae.state_dict()) == list(plain.state_dict())
     assert use_lean_wan_modules(plain) == sum(type(m).__name__.startswith("Lean") for m in net.vae.modules())
 

@@ -63,7 +63,8 @@ FILES = {
 #   - float32 VAE (`"all"`): 1.263e9 at 64x64 and 9 frames, 2.526e9 at 64x128, 5.052e9 at 128x128, 17.76e9 at
 #     180x320 (9 frames), 1.351e9 at 64x64 and 18.995e9 at 180x320 (33 frames); 1.287e9 and 1.422e9 at 64x64 (9,
 #     33 frames) with float32 DiTs;
-#   - bfloat16 VAE (`"none"`): 0.698e9 and 0.776e9 at 64x64 (9, 33 frames), 10.907e9 at 180x320 (33 frames).
+#   - bfloat16 VAE (`"none"`): 0.647e9 and 0.725e9 at 64x64 (9, 33 frames), 1.294e9 at 64x128, 9.102e9 and
+#     10.200e9 at 180x320 (9, 33 frames).
 # - Per LR pixel of the whole frame and chunk frame, the same with any VAE: 256 bytes of blended HR tiles
 #   (0.038e9 over 64x64 tiles at 128x128, 0.131e9 at 256x256, 9 frames; 0.247e9 at 128x256 and 0.543e9 over 128x128
 #   tiles at 256x256, 33 frames: 222 to 256 measured, the largest kept), and 384 bytes of the previous chunk's HR
@@ -72,7 +73,7 @@ SAMPLER_BYTES_PER_PIXEL = {
     (2, 4, 2): (212_760, 404),
     (2, 4, 4): (300_278, 894),
     (4, 4, 4): (301_724, 1_376),
-    (2, 2, 2): (163_162, 794),
+    (2, 2, 2): (150_874, 794),
 }
 TILE_BYTES_PER_PIXEL_FRAME = 256
 STREAM_BYTES_PER_PIXEL_FRAME = 384
