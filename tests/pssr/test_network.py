@@ -577,7 +577,9 @@ def test_lean_residual_blocks_compile_to_diffusers_graphs() -> None:
         # Compiled, the lean blocks run diffusers' forward: its SiLU rounds as the class docstring says (6.7e-6).
         torch.testing.assert_close(compiled, eager, rtol=0, atol=2e-5)
         counts[name] = len(graphs)
-    assert counts["lean"] == counts["plain"] <= 3  # the first latent frame, the next, and the last (measured: 3)
+    # Measured: 3 and 3 under torch 2.14, 16 and 16 under 2.11 (whose dynamo breaks diffusers' decoder more often);
+    # without the lean blocks' compile check, 46 and 3 under 2.14.
+    assert counts["lean"] == counts["plain"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
