@@ -659,6 +659,12 @@ FLOAT32_VAE_PARTS = {
 }
 
 
+def check_float32_vae(parts: Any) -> None:
+    """Raise `ValueError` unless `parts` names a `FLOAT32_VAE_PARTS` setting."""
+    if parts not in FLOAT32_VAE_PARTS:
+        raise ValueError(f"float32_vae must be one of {', '.join(FLOAT32_VAE_PARTS)}, got {parts!r}")
+
+
 class PSSRNet(nn.Module):
     """PS-SR: the base `phi_base` (Wan DiT + LoRA), the draft `phi_draft`, the Wan VAE and the text condition.
 
@@ -715,8 +721,7 @@ class PSSRNet(nn.Module):
         Casts the VAE now, and sets what later casts of the net do with it (`FLOAT32_VAE_PARTS`). Casting back
         to float32 does not restore rounded weights.
         """
-        if parts not in FLOAT32_VAE_PARTS:
-            raise ValueError(f"float32_vae must be one of {', '.join(FLOAT32_VAE_PARTS)}, got {parts!r}")
+        check_float32_vae(parts)
         self.float32_vae = parts
         for name, child in self.vae.named_children():
             # diffusers' `ModelMixin.to` warns on any cast, so the plain module's.

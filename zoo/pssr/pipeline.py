@@ -43,7 +43,7 @@ from zoo.components.upscaler import (
     read_weight_files,
     save_weight_files,
 )
-from zoo.pssr.network import ALPHA, FDU_FORMS, FDU_SIGMA, FLOAT32_VAE_PARTS, NUM_STEPS, PSSRConfig, PSSRNet
+from zoo.pssr.network import ALPHA, FDU_FORMS, FDU_SIGMA, NUM_STEPS, PSSRConfig, PSSRNet, check_float32_vae
 
 FILES = {
     "adapters": "adapters.safetensors",
@@ -169,8 +169,7 @@ class PSSRUpscaler(VideoUpscaler):
     def check_options(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
-        if self.float32_vae not in FLOAT32_VAE_PARTS:
-            raise ValueError(f"float32_vae must be one of {', '.join(FLOAT32_VAE_PARTS)}, got {self.float32_vae!r}")
+        check_float32_vae(self.float32_vae)
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
         if self.fdu_form not in FDU_FORMS:
