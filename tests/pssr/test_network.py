@@ -477,7 +477,7 @@ def test_lean_rms_norm_moves_fewer_bytes_than_diffusers() -> None:
 
 @pytest.mark.parametrize(("kernel", "padding"), [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (1, 0, 0)), ((1, 1, 1), 0)])
 @pytest.mark.parametrize("cached", [None, 1, 2])
-def test_lean_causal_conv_is_diffusers_causal_conv(kernel, padding, cached) -> None:
+def test_lean_causal_conv_is_diffusers_causal_conv(kernel, padding, cached, monkeypatch) -> None:
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     torch.manual_seed(0)
@@ -486,8 +486,45 @@ def test_lean_causal_conv_is_diffusers_causal_conv(kernel, padding, cached) -> N
     cache = None if cached is None else torch.randn(1, 4, cached, 6, 7)
     theirs = conv(x, cache)
     conv.__class__ = LeanWanCausalConv3d
+    # On the CPU, oneDNN's kernel: the same sums in another order (measured at most 1.1e-6 over these cases).
+    assert torch.allclose(conv(x, cache), theirs, atol=3e-6, rtol=0)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # PyTorch's own kernel, which diffusers' ran here
     assert torch.allclose(conv(x, cache), theirs, atol=1e-6, rtol=0)
     assert conv.padding == (0, 0, 0)  # the module's own padding stays diffusers' (the causal one is `_padding`)
+
+
+def test_lean_wan_vae_runs_the_cpus_fast_kernels_and_counts_the_devices() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    vae = PSSRNet(PSSRConfig.tiny()).vae
+    video = torch.rand(1, 3, 5, 16, 24) * 2 - 1
+    with torch.no_grad(), Ops() as real:
+        vae.decode(vae.encode(video).latent_dist.mode())
+    # A real CPU tensor: oneDNN's convolution (PyTorch would run its unblocked `slow_conv3d` at these sizes) and a
+    # batched dot product for the RMS norms' channel norms (the CPU's `vector_norm` over channels is far slower).
+    assert "aten.mkldnn_convolution" in real.seen and "aten.linalg_vector_norm" not in real.seen
+    assert "aten.bmm" in real.seen
+    # `zoo bench`'s fake tensors count what a CUDA device runs: the convolution and `vector_norm`.
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), Ops() as fake:
+        vae.decode(vae.encode(mode.from_tensor(video)).latent_dist.mode())
+    assert "aten.mkldnn_convolution" not in fake.seen and "aten.bmm" not in fake.seen
+    assert {"aten.convolution", "aten.linalg_vector_norm"} <= fake.seen
+    # In bfloat16 the CPU runs PyTorch's own convolution, as diffusers does.
+    with torch.no_grad(), Ops() as half:
+        half_vae = torch.nn.Module.to(vae, torch.bfloat16)
+        half_vae.decode(half_vae.encode(video.bfloat16()).latent_dist.mode())
+    assert "aten.mkldnn_convolution" not in half.seen and "aten.convolution" in half.seen
 
 
 def _residual_blocks_as_diffusers(vae: torch.nn.Module) -> torch.nn.Module:
