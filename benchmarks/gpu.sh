@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every registered model at full size with random weights, 720p output, bf16, 33 output frames (33 LR frames;
 # 17 for OSDEnhancer, which doubles the frame rate: one chunk of each chunked model): eager vs compiled, through
-# `zoo bench --model`. Writes $OUT/gpu.json (every run's record, plus ms per output frame and
-# TFLOP/s over the whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
+# `zoo bench --model`. Writes $OUT/gpu.json (every run's record, with ms per output frame and TFLOP/s over the
+# whole timed stream) and $OUT/gpu.md (one table: ms/frame, first-frame latency, warm-up incl.
 # compilation, peak VRAM measured and as the count estimates it, TFLOP/s, FLOPs / bound, the count's roofline).
 #
 # Eager runs also time each module group during their timed pass (`zoo bench --breakdown`).
@@ -111,8 +111,9 @@ def cell(value, fmt):
 
 
 # Chunked models (osdenhancer, pssr) yield a whole chunk at once, so the gaps between outputs after the first
-# are ~0 and a per-gap median measures nothing there: ms/frame is the whole timed stream over its output frames
-# (first frame included), and TFLOP/s follows from it. The per-gap median is kept for the per-frame models.
+# are ~0 and a per-gap median measures nothing there: ms/frame is `zoo bench`'s `ms_per_output_frame` (the whole
+# timed stream over its output frames, first frame included), and TFLOP/s follows from it. The per-gap median is
+# kept for the per-frame models.
 # The count's memory estimate (weights + the peak of the storages the fake stream made) stands next to the measured
 # peak, so that each GPU run also checks the estimate that `zoo upscale` plans with.
 # The count's roofline time (each operator at the H200's peaks) is the eager run's floor: ms/frame over it says how
@@ -127,16 +128,13 @@ for key, r in records.items():
         rows.append(f"| {r['model']} | {options} | {r['run']} | {r['failed']} | | | | | | | | |")
         continue
     run = key.rsplit("-", 1)[1]
-    total_ms = r["first_frame_ms"] + r["ms_per_frame"]["mean"] * (r["frames_out"] - 1)
-    ms = total_ms / r["frames_out"]
-    r["ms_per_output_frame"] = ms
-    r["tflops_all_frames"] = r["flops_per_frame"]["total"] / ms / 1e9
+    ms = r["ms_per_output_frame"]
     vram = None if r["peak_device_bytes"] is None else r["peak_device_bytes"] / 2**30
     estimate = (r["weight_bytes"] + r["peak_activation_bytes"]) / 2**30
     rows.append(f"| {r['model']} | {options} | {run} | {cell(ms, '.1f')} | {cell(r['roofline_ms_per_frame'], '.1f')} "
                 f"| {cell(r['ms_per_frame']['median'], '.1f')} "
                 f"| {cell(r['first_frame_ms'], '.1f')} | {cell(r['warmup_s'], '.1f')} | {cell(vram, '.2f')} "
-                f"| {cell(estimate, '.2f')} | {cell(r['tflops_all_frames'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
+                f"| {cell(estimate, '.2f')} | {cell(r['tflops'], '.1f')} | {cell(r['ratio_to_bound'], '.3f')} |")
 (out / "gpu.json").write_text(json.dumps(records, indent=2) + "\n")
 rows += ["", "Where an eager frame's time goes (`--breakdown`: device ms per output frame by module group, over the "
          "timed pass):", "", "| model | options | ms per output frame by group |", "|---|---|---|"]

@@ -211,7 +211,7 @@ def _bench(ns: argparse.Namespace) -> None:
             second = bench_pipeline(**other)
             timed = result["timed"] and second["timed"]
             result = {"baseline": result, "vs": second,
-                      "speedup": result["ms_per_frame"]["mean"] / second["ms_per_frame"]["mean"] if timed else None,
+                      "speedup": result["ms_per_output_frame"] / second["ms_per_output_frame"] if timed else None,
                       "flops_ratio": second["flops_per_frame"]["total"] / result["flops_per_frame"]["total"],
                       "launches_ratio": second["launches_per_frame"] / result["launches_per_frame"]}
     elif ns.name is None:
