@@ -4,6 +4,7 @@ counts are (against the dispatch count)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zoo.bench import BENCHMARKS, run_benchmark
 from zoo.hub import list_models
@@ -17,10 +18,17 @@ def test_every_registered_benchmark_imports():
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_speed_streams_every_frame(name):
+def test_speed_streams_every_frame(name, monkeypatch):
+    threads = []  # what the benchmark sets, kept from this test's worker
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     result = run_benchmark("upscalers.speed", name=name, frames=3, size=(16, 24))
     assert result["benchmark"] == "upscalers.speed" and result["frames"] == 3
+    assert result["threads"] == 1 and threads == [1]  # set, as timing wants it
     assert result["first_frame_s"] > 0 and result["seconds_per_frame"] > 0
+    # The whole stream over its output frames (3, or 5 at OSDEnhancer's doubled frame rate), first included.
+    whole = result["first_frame_s"] + result["seconds_per_frame"] * (result["frames_out"] - 1)
+    assert result["frames_out"] == (5 if name == "osdenhancer" else 3)
+    assert result["seconds_per_output_frame"] == pytest.approx(whole / result["frames_out"])
 
 
 def test_bad_arguments_are_one_sentence():
@@ -28,6 +36,8 @@ def test_bad_arguments_are_one_sentence():
         run_benchmark("upscalers.speed", colour="red")
     with pytest.raises(ValueError, match="frames must be at least 2"):
         run_benchmark("upscalers.speed", frames=1)
+    with pytest.raises(ValueError, match=r"threads must be in \[1, \d+\] \(this machine's cores\), got 0"):
+        run_benchmark("upscalers.speed", threads=0)
     with pytest.raises(ValueError, match="frames must be at least 1, got 0"):
         run_benchmark("upscalers.kernels", frames=0)
     with pytest.raises(ValueError, match="compile must be eager, networks, step; got 'bogus'"):

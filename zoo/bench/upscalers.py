@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from zoo.bench.pipeline import random_frames
+from zoo.bench.pipeline import machine_cores, random_frames
 from zoo.components.upscaler import COMPILE_SCOPES, VideoUpscaler
 from zoo.hub import upscaler_class
 
@@ -151,8 +151,13 @@ def bench_memory_model(*, name: str = "osdiffvsr", variant: str = "full",
 
 
 def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: int = 8,
-                size: tuple[int, int] = (64, 96), device: str = "cpu", dtype: str = "float32") -> dict:
+                size: tuple[int, int] = (64, 96), device: str = "cpu", dtype: str = "float32",
+                threads: int = 1) -> dict:
     """Latency of the first output frame and throughput of `stream()` over `frames` LR frames.
+
+    `seconds_per_frame` is the mean gap between output frames after the first: a per-frame pipeline's steady
+    rate. A chunked one (PS-SR, OSDEnhancer) yields a whole chunk at once, so its gaps after the first are ~0:
+    `seconds_per_output_frame`, the whole stream over its output frames, is its rate.
 
     Args:
         name: hub name.
@@ -161,13 +166,17 @@ def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: 
         size: LR frame size (H, W).
         device: "cpu" or a CUDA device.
         dtype: parameter dtype ("float32", "bfloat16", "float16").
+        threads: CPU threads (`torch.set_num_threads`): two threads on two busy cores can be far slower than one.
 
     Returns:
-        {"name", "variant", "device", "dtype", "size", "frames", "first_frame_s", "seconds_per_frame",
-        "peak_cuda_bytes" (CUDA only)}.
+        {"name", "variant", "device", "dtype", "threads", "size", "frames", "frames_out", "first_frame_s",
+        "seconds_per_frame", "seconds_per_output_frame", "peak_cuda_bytes" (CUDA only)}.
     """
     if frames < 2:
         raise ValueError(f"frames must be at least 2 (one for latency, the rest for the rate), got {frames}")
+    if not 1 <= threads <= machine_cores():
+        raise ValueError(f"threads must be in [1, {machine_cores()}] (this machine's cores), got {threads}")
+    torch.set_num_threads(threads)
     upscaler = random_upscaler(name, variant, device, getattr(torch, dtype))
     cuda = device.startswith("cuda")
     if cuda:
@@ -179,9 +188,10 @@ def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: 
             torch.cuda.synchronize(device)
         del frame
         stamps.append(time.perf_counter())
-    result = {"name": name, "variant": variant, "device": device, "dtype": dtype, "size": list(size),
-              "frames": frames, "first_frame_s": stamps[0] - start,
-              "seconds_per_frame": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}
+    result = {"name": name, "variant": variant, "device": device, "dtype": dtype, "threads": threads,
+              "size": list(size), "frames": frames, "frames_out": len(stamps), "first_frame_s": stamps[0] - start,
+              "seconds_per_frame": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
+              "seconds_per_output_frame": (stamps[-1] - start) / len(stamps)}
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
