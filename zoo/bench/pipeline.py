@@ -449,6 +449,15 @@ def machine_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def set_threads(threads: int) -> int:
+    """`torch.set_num_threads(threads)`, refused beyond this machine's cores; returns `threads`."""
+    cores = machine_cores()
+    if not 1 <= threads <= cores:
+        raise ValueError(f"threads must be in [1, {cores}] (this machine's cores), got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _check_idle(busy_ok: bool) -> float:
     load = os.getloadavg()[0]
     cores = machine_cores()
@@ -507,10 +516,7 @@ def bench_pipeline(*, model: str = "stream_diffvsr", size: str = "tiny", height:
         raise ValueError(f"frames must be at least 2 (one for latency, the rest for the rate), got {frames}")
     torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     cores = machine_cores()
-    threads = threads or (torch.get_num_threads() if torch_device.type == "cuda" else 1)
-    if not 1 <= threads <= cores:
-        raise ValueError(f"threads must be in [1, {cores}] (this machine's cores), got {threads}")
-    torch.set_num_threads(threads)
+    threads = set_threads(threads or (torch.get_num_threads() if torch_device.type == "cuda" else 1))
     timed = (size == "tiny" or torch_device.type == "cuda") if timed is None else timed
     load = _check_idle(busy_ok) if timed else os.getloadavg()[0]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from zoo.bench.pipeline import machine_cores, random_frames
+from zoo.bench.pipeline import random_frames, set_threads
 from zoo.components.upscaler import COMPILE_SCOPES, VideoUpscaler
 from zoo.hub import upscaler_class
 
@@ -174,9 +174,7 @@ def bench_speed(*, name: str = "stream_diffvsr", variant: str = "tiny", frames: 
     """
     if frames < 2:
         raise ValueError(f"frames must be at least 2 (one for latency, the rest for the rate), got {frames}")
-    if not 1 <= threads <= machine_cores():
-        raise ValueError(f"threads must be in [1, {machine_cores()}] (this machine's cores), got {threads}")
-    torch.set_num_threads(threads)
+    set_threads(threads)
     upscaler = random_upscaler(name, variant, device, getattr(torch, dtype))
     cuda = device.startswith("cuda")
     if cuda:
@@ -287,7 +285,7 @@ def bench_kernels(*, name: str = "stream_diffvsr", variant: str = "tiny", frames
         raise ValueError(f"compile must be eager, {', '.join(COMPILE_SCOPES)}; got {compile!r}")
     from zoo.bench.pipeline import random_upscaler as inference_upscaler
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     upscaler = inference_upscaler(name, variant)  # `zoo.load`'s model: LoRA merged, attention projections fused
     if compile != "eager":
         upscaler.configure(compile={"scope": compile})

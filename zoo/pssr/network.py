@@ -547,9 +547,9 @@ class LeanWanCausalConv3d(WanCausalConv3d):
         if x.dtype == self.weight.dtype == torch.float32 and runs_on_the_cpu(x) and torch.backends.mkldnn.enabled \
                 and torch.backends.mkldnn.is_available():
             # PyTorch sends a batch of one 3-D input whose channels x frames x rows are under 20,480 to its
-            # unblocked `slow_conv3d`, as the tiny Wan VAE's are at any frame size: oneDNN's kernel, which it picks
-            # for the full-size VAE, is 3 to 11 times faster there (2 threads: 75 → 6.6 ms at 4 channels x 6 x
-            # 256 x 256), within float32 rounding.
+            # unblocked `slow_conv3d`, as the tiny Wan VAE's are below about 850 output rows: oneDNN's kernel, which
+            # it picks for the full-size VAE, is 3 to 11 times faster there (2 threads: 75 → 6.6 ms at 4 channels x
+            # 6 x 256 x 256), within float32 rounding.
             return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, [0, pad_h, pad_w], list(self.stride),
                                                      list(self.dilation), self.groups)
         return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
