@@ -8,15 +8,17 @@
 # Eager runs also time each module group during their timed pass (`zoo bench --breakdown`).
 #
 # Budget on one H100/H200, in one call: BUDGET_S (470 s) in all. The eager runs come first (every model, with
-# OSDEnhancer also without VAE tiles, its FLOP-bound setting, and PS-SR also with its VAE in bf16), the compiled ones
-# after them, cheapest compilation first. Each run is a fresh process limited to its own EAGER_S (120 s) or COMPILED_S (240 s) and to what is left
-# of the budget; a run past its limit is recorded as "timeout" with the last progress line of its log (build,
-# warm-up, frames timed so far), one the budget leaves no time for as "skipped".
+# OSDEnhancer also without VAE tiles, its FLOP-bound setting, PS-SR also with its whole VAE in float32, and the 2-D
+# pipelines also in PyTorch's default memory format), the compiled ones after them, cheapest compilation first.
+# Each run is a fresh process limited to its own EAGER_S (120 s) or COMPILED_S (240 s) and to what is left of the
+# budget; a run past its limit is recorded as "timeout" with the last progress line of its log (build, warm-up,
+# frames timed so far), one the budget leaves no time for as "skipped".
 #
 # FLOPs, launches, the memory estimate and the roofline are not counted here: counting 33 frames of 720p on fake
-# tensors takes minutes of CPU per model, and the count depends on neither device nor compilation. Each run reuses
-# $COUNTS/<model>[-<option>].json, written by `zoo bench --model NAME --size full --height 720 --width 1280 --frames 33 (17) --dtype bf16
-# --count-only --json FILE` (with `--option KEY=VALUE` where the run has one); without it the run counts itself.
+# tensors takes minutes of CPU per model, and the count depends on neither device, compilation nor memory format.
+# Each run reuses $COUNTS/<model>[-<option>].json (a `channels_last` run its model's), written by `zoo bench --model
+# NAME --size full --height 720 --width 1280 --frames 33 (17) --dtype bf16 --count-only --json FILE` (with
+# `--option KEY=VALUE` where the run has one); without it the run counts itself.
 #
 # Settings (environment): MODELS (default: every registered model), SIZE (full), HEIGHT (720), WIDTH (1280),
 # FRAMES (LR frames of every model; unset: 33, and 17 for osdenhancer), DTYPE (bf16), DEVICE (auto), EAGER_S,
@@ -58,6 +60,11 @@ for model in $MODELS; do
   runs+=("$model/eager")
   [[ $model == pssr ]] && runs+=("pssr:float32_vae=all/eager")
 done
+# The 2-D pipelines' eager runs in PyTorch's default layout too: channels-last saves cuDNN's transposes, but
+# PyTorch's CUDA group norm transposes its input back (`VideoUpscaler._set_memory_format`); which wins is untimed.
+for model in osdiffvsr stream_diffvsr; do
+  [[ " $MODELS " == *" $model "* ]] && runs+=("$model:channels_last=False/eager")
+done
 for model in osdiffvsr stream_diffvsr pssr osdenhancer; do
   [[ " $MODELS " == *" $model "* ]] && runs+=("$model/compiled")
 done
@@ -80,7 +87,9 @@ for spec in "${runs[@]}"; do
   ((limit > left)) && limit=$left
   [[ -n $option ]] && flags+=(--option "$option")
   frames=$(frames_of "$model")
-  count="$COUNTS/$model${option:+-$option}.json"
+  counted=$option
+  [[ $option == channels_last=* ]] && counted=""  # the count is the same in either layout (zoo.bench.pipeline)
+  count="$COUNTS/$model${counted:+-$counted}.json"
   [[ -f $count ]] && flags+=(--counts "$count")
   echo "== $key (limit ${limit}s, $((SECONDS - start))s in)" >&2
   status=0

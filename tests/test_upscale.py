@@ -232,7 +232,8 @@ def test_scales_and_options_a_model_does_not_take_are_named(tmp_path: Path, caps
         (["--model", "osdiffvsr", "--temporal-scale", "2"],
          "--temporal-scale 2: osdiffvsr interpolates frames x1 only"),
         (["--model", "stream_diffvsr", "--chunk", "33"],
-         "--chunk 33: stream_diffvsr takes no temporal chunks (it takes --color-fix, --compile, flow_resolution)"),
+         "--chunk 33: stream_diffvsr takes no temporal chunks (it takes --color-fix, --compile, channels_last, "
+         "flow_resolution)"),
         (["--model", "osdiffvsr", "--seed", "3"], "--seed 3: osdiffvsr takes no seed"),
         (["--model", "stream_diffvsr", "--float32-vae", "none"],
          "--float32-vae none: stream_diffvsr takes no float32 VAE"),

@@ -204,6 +204,23 @@ def test_a_stored_count_is_reused_only_for_the_same_stream(toy, tmp_path, capsys
                              counts={k: v for k, v in count.items() if k != "launches_per_frame"})
 
 
+def test_a_stored_count_serves_runs_in_another_memory_format(monkeypatch) -> None:
+    count = bench.bench_pipeline(model="stream_diffvsr", height=32, width=48, frames=2, timed=False)
+
+    def no_count(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(bench, "_count", no_count)
+    # The count is the same in either layout (it runs on fake CPU tensors in PyTorch's default one).
+    reused = bench.bench_pipeline(model="stream_diffvsr", height=32, width=48, frames=2, busy_ok=True,
+                                  options={"channels_last": False}, counts=count)
+    assert reused["timed"] and reused["options"] == {"channels_last": False}
+    assert all(reused[key] == count[key] for key in bench.COUNT_KEYS)
+    with pytest.raises(ValueError, match=r"options \{\} \(not \{'flow_resolution': 'lr'\}\)"):
+        bench.bench_pipeline(model="stream_diffvsr", height=32, width=48, frames=2, busy_ok=True, counts=count,
+                             options={"channels_last": False, "flow_resolution": "lr"})
+
+
 def test_counts_flag_refuses_an_unreadable_file(toy, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{")

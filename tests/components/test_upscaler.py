@@ -330,3 +330,19 @@ def test_convolutional_networks_go_channels_last_on_cuda_and_when_compiled(name:
     assert _layouts(up) == {"channels_last"}
     up.configure(compile=False)
     assert _layouts(up) == {"contiguous"}
+    # The `channels_last` option chooses, on CUDA and when compiling too; None gives the default back.
+    up.configure(channels_last=False)
+    up._set_memory_format(torch.device("cuda"))
+    assert _layouts(up) == {"contiguous"}
+    up.configure(compile={"backend": "eager"})
+    assert _layouts(up) == {"contiguous"}
+    up.configure(channels_last=None)
+    assert _layouts(up) == {"channels_last"}
+    up.configure(compile=False, channels_last=True)
+    assert _layouts(up) == {"channels_last"}  # on the CPU, eager, when asked
+    up.to(torch.float64)
+    assert _layouts(up) == {"channels_last"}
+    with pytest.raises(ValueError, match=r"channels_last must be None \(channels-last on CUDA or when compiling\), "
+                                         r"True or False, got 'yes'"):
+        up.configure(channels_last="yes")
+    assert _layouts(up) == {"channels_last"}  # as it was

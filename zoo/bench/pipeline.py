@@ -541,6 +541,9 @@ COUNT_KEYS = ("input", "output", "frames_in", "frames_out", "flops_per_frame", "
               "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound", "weight_bytes",
               "peak_activation_bytes", "bytes_moved_per_frame", "roofline_ms_per_frame", "roofline")
 """The fields of a `bench_pipeline` record that its count gives (the rest: the run's settings and timings)."""
+LAYOUT_OPTIONS = frozenset({"channels_last"})
+"""Options a count does not depend on: it builds the network on the `meta` device, where no memory format is set,
+and runs it on fake CPU tensors in PyTorch's default layout. A stored count serves runs that differ in them."""
 
 
 def _count(model: str, size: str, height: int, width: int, frames: int, dtype: str,
@@ -575,10 +578,15 @@ def _reuse_count(record: dict[str, Any], model: str, size: str, height: int, wid
                  options: dict[str, Any] | None) -> dict[str, Any]:
     """The count fields of an earlier `bench_pipeline` record, after checking it counted this same stream."""
     record = record.get("baseline", record)  # a `--vs` record: its first run
+
+    def counted(options: dict[str, Any] | None) -> dict[str, Any]:
+        return {key: value for key, value in (options or {}).items() if key not in LAYOUT_OPTIONS}
+
     wanted = {"model": model, "size": size, "output": [height, width], "frames_in": frames, "dtype": DTYPES[dtype],
-              "options": options or {}}
+              "options": counted(options)}
     found = {key: record.get(key) for key in wanted}
     found["dtype"] = DTYPES.get(found["dtype"])  # "bf16" and "bfloat16" are one dtype
+    found["options"] = counted(found["options"])
     if found != wanted:
         differ = ", ".join(f"{key} {found[key]!r} (not {wanted[key]!r})" for key in wanted if found[key] != wanted[key])
         raise ValueError(f"the stored count is of another run: {differ}")

@@ -275,7 +275,10 @@ class VideoUpscaler(nn.Module):
     - `chunk`, `chunk_overlap`: temporal chunks and their overlap, in input frames;
     - `color_fix`: one of `COLOR_FIXES`, defaulting to the paper's own; `stream()` applies it with
       `fix_colors` to each output frame;
-    - `seed`: the noise seed; `scale`, `temporal_scale` for models that run at several factors.
+    - `seed`: the noise seed; `scale`, `temporal_scale` for models that run at several factors;
+    - `channels_last`: the memory format of `channels_last_modules()`: None (the default) for channels-last on
+      CUDA or when compiling, True or False to choose (`zoo bench --option channels_last=False` times the
+      alternative).
 
     What else a caller needs, each paper sets or overrides (the defaults suit a fixed-factor,
     untiled pipeline):
@@ -328,10 +331,10 @@ class VideoUpscaler(nn.Module):
             self._uncompile_networks()
         for name, value in options.items():
             setattr(self, name, value)
-        if "compile" in options:
-            self._set_memory_format()
         self._check_shared_options()
         self.check_options()
+        if "compile" in options or "channels_last" in options:
+            self._set_memory_format()
         return self
 
     def _check_shared_options(self) -> None:
@@ -343,6 +346,9 @@ class VideoUpscaler(nn.Module):
             value = values.get(name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if values.get("channels_last") not in (None, True, False):
+            raise ValueError(f"channels_last must be None (channels-last on CUDA or when compiling), True or False, "
+                             f"got {values['channels_last']!r}")
         for name in ("tile_overlap", "chunk_overlap", "seed"):
             value = values.get(name)
             if name in values and (not isinstance(value, int) or value < 0):
@@ -412,13 +418,20 @@ class VideoUpscaler(nn.Module):
         return []
 
     def _set_memory_format(self, device: torch.device | None = None) -> None:
-        """Channels-last for `channels_last_modules` on a CUDA `device` (default: the model's) or when compiling,
-        else the default layout."""
+        """The `channels_last` option's memory format for `channels_last_modules`; by default channels-last on a CUDA
+        `device` (default: the model's) or when compiling, else PyTorch's default layout.
+
+        The default is an untimed choice for eager CUDA runs: cuDNN's tensor-core convolutions take channels-last
+        without transposing, but PyTorch's CUDA group norm (`native_group_norm`) makes its input contiguous and
+        returns the default layout, so each group norm before a convolution costs two transposes there.
+        """
         device = device or next((p.device for p in self.parameters()), None)
         if device is None or device.type == "meta":
             return
-        compiling = "compile" in self.options and compile_settings(self.compile) is not None
-        channels_last = compiling or device.type == "cuda"
+        channels_last = getattr(self, "channels_last", None) if "channels_last" in self.options else None
+        if channels_last is None:
+            compiling = "compile" in self.options and compile_settings(self.compile) is not None
+            channels_last = compiling or device.type == "cuda"
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for module in self.channels_last_modules():
             module.to(memory_format=memory_format)

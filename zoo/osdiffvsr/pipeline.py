@@ -105,7 +105,8 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     pixels, `color_fix` (`"adain"`, `"wavelet"` or `"none"`), and `compile`, which compiles the VAE encoder and
     decoder, UNet, fusion and RAFT's modules one by one (`compile_modules`), or with `scope="step"` each
     window (`upscale_window`, one frame's fixed-shape step), with the VAE and UNet in channels-last, as on
-    CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`).
+    CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`), and `channels_last`, to choose that
+    memory format (`VideoUpscaler`).
 
     Args:
         config: the generator config (`OSDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -120,7 +121,7 @@ class OSDiffVSRUpscaler(VideoUpscaler):
     # as the input itself, whereas AdaIN matches each frame's global channel statistics, which shift
     # with the content in view and can make a video's colours pump.
     options: ClassVar[dict[str, Any]] = {"tile": None, "tile_overlap": 32, "color_fix": "wavelet",
-                                         "compile": False}
+                                         "compile": False, "channels_last": None}
     scales = (4,)
     memory = MEMORY
 

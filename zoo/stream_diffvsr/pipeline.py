@@ -169,8 +169,9 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
     RAFT's modules one by one (`compile_modules`), or with `scope="step"` each frame's whole fixed-shape
     step (`frame_step`: flow, warp, DDIM, decoding), with the autoencoder, UNet and ControlNet in
     channels-last, as on CUDA (see `VideoUpscaler.compiled`, `channels_last_modules`); the first frame,
-    without a previous one, has graphs of its own. Eager runs take the UNet's and ControlNet's per-step
-    constants (time embeddings, the prompt's keys and values) from a memo per stream (`StepMemo`).
+    without a previous one, has graphs of its own. `channels_last` chooses that memory format (`VideoUpscaler`).
+    Eager runs take the UNet's and ControlNet's per-step constants (time embeddings, the prompt's keys and
+    values) from a memo per stream (`StepMemo`).
 
     Args:
         config: the network config (`StreamDiffVSRConfig.tiny()` / `.full()` or loaded).
@@ -181,7 +182,8 @@ class StreamDiffVSRUpscaler(VideoUpscaler):
     hub_name = "stream_diffvsr"
     config_class = StreamDiffVSRConfig
     # The official pipeline applies no colour fix (its output is the decoder's, clamped).
-    options: ClassVar[dict[str, Any]] = {"flow_resolution": "hr", "color_fix": "none", "compile": False}
+    options: ClassVar[dict[str, Any]] = {"flow_resolution": "hr", "color_fix": "none", "compile": False,
+                                         "channels_last": None}
     scales = (4,)
     memory = MEMORY
 
