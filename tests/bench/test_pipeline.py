@@ -216,6 +216,10 @@ def test_a_stored_count_serves_runs_in_another_memory_format(monkeypatch) -> Non
                                   options={"channels_last": False}, counts=count)
     assert reused["timed"] and reused["options"] == {"channels_last": False}
     assert all(reused[key] == count[key] for key in bench.COUNT_KEYS)
+    # And in a compiled one (the count is of the eager operators), as `--compile` runs are.
+    compiled = {"compile": {"backend": "eager"}, "channels_last": True}
+    assert bench._reuse_count(count, "stream_diffvsr", "tiny", 32, 48, 2, "float32", compiled) == {
+        key: count[key] for key in bench.COUNT_KEYS}
     with pytest.raises(ValueError, match=r"options \{\} \(not \{'flow_resolution': 'lr'\}\)"):
         bench.bench_pipeline(model="stream_diffvsr", height=32, width=48, frames=2, busy_ok=True, counts=count,
                              options={"channels_last": False, "flow_resolution": "lr"})

@@ -541,9 +541,10 @@ COUNT_KEYS = ("input", "output", "frames_in", "frames_out", "flops_per_frame", "
               "views_per_frame", "count_s", "bound_flops_per_frame", "ratio_to_bound", "weight_bytes",
               "peak_activation_bytes", "bytes_moved_per_frame", "roofline_ms_per_frame", "roofline")
 """The fields of a `bench_pipeline` record that its count gives (the rest: the run's settings and timings)."""
-LAYOUT_OPTIONS = frozenset({"channels_last"})
-"""Options a count does not depend on: it builds the network on the `meta` device, where no memory format is set,
-and runs it on fake CPU tensors in PyTorch's default layout. A stored count serves runs that differ in them."""
+UNCOUNTED_OPTIONS = frozenset({"channels_last", "compile"})
+"""Options a count does not depend on, so that a stored count serves runs that differ in them: the memory format (the
+count builds the network on the `meta` device, where none is set, and runs it on fake CPU tensors in PyTorch's
+default layout) and compilation (the count is of the eager operators, as with `--compile`)."""
 
 
 def _count(model: str, size: str, height: int, width: int, frames: int, dtype: str,
@@ -580,7 +581,7 @@ def _reuse_count(record: dict[str, Any], model: str, size: str, height: int, wid
     record = record.get("baseline", record)  # a `--vs` record: its first run
 
     def counted(options: dict[str, Any] | None) -> dict[str, Any]:
-        return {key: value for key, value in (options or {}).items() if key not in LAYOUT_OPTIONS}
+        return {key: value for key, value in (options or {}).items() if key not in UNCOUNTED_OPTIONS}
 
     wanted = {"model": model, "size": size, "output": [height, width], "frames_in": frames, "dtype": DTYPES[dtype],
               "options": counted(options)}
