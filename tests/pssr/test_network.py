@@ -520,6 +520,11 @@ def test_lean_wan_vae_runs_the_cpus_fast_kernels_and_counts_the_devices() -> Non
         vae.decode(vae.encode(mode.from_tensor(video)).latent_dist.mode())
     assert "aten.mkldnn_convolution" not in fake.seen and "aten.bmm" not in fake.seen
     assert {"aten.convolution", "aten.linalg_vector_norm"} <= fake.seen
+    # And where a count's first frame, a real tensor, enters the fake weights alone (a one-frame chunk).
+    from zoo.bench.pipeline import count_stream, fake_upscaler, random_frames
+
+    counted_up, count_mode = fake_upscaler("pssr", "tiny", options={"chunk": 1, "chunk_overlap": 0})
+    assert count_stream(counted_up, count_mode, list(random_frames(1, 16, 16))).frames_out == 1
     # In bfloat16 the CPU runs PyTorch's own convolution, as diffusers does.
     with torch.no_grad(), Ops() as half:
         half_vae = torch.nn.Module.to(vae, torch.bfloat16)

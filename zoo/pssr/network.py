@@ -482,13 +482,15 @@ class DraftTransformer(nn.Module):
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def runs_on_the_cpu(x: Tensor) -> bool:
-    """Whether `x` is a real CPU tensor, for which the lean Wan modules pick the CPU's faster kernels.
+def runs_on_the_cpu(*tensors: Tensor) -> bool:
+    """Whether an operator on `tensors` (its input and the module's weight) runs on real CPU tensors, for which the
+    lean Wan modules pick the CPU's faster kernels.
 
-    Not a fake tensor of `zoo bench`'s counts, which model a CUDA run (`zoo.bench.pipeline.Roofline`), nor one that
-    `torch.compile` traces, whose inductor makes kernels of its own.
+    Not under `zoo bench`'s counts, which model a CUDA run (`zoo.bench.pipeline.Roofline`) with fake weights (a real
+    input may enter them), nor while `torch.compile` traces, whose inductor makes kernels of its own.
     """
-    return x.device.type == "cpu" and not isinstance(x, FakeTensor) and not torch.compiler.is_compiling()
+    return (all(t.device.type == "cpu" and not isinstance(t, FakeTensor) for t in tensors)
+            and not torch.compiler.is_compiling())
 
 
 class LeanWanRMSNorm(WanRMS_norm):
@@ -504,7 +506,7 @@ class LeanWanRMSNorm(WanRMS_norm):
     """
 
     def _factor(self, x: Tensor) -> Tensor:
-        if self.channel_first and runs_on_the_cpu(x):
+        if self.channel_first and runs_on_the_cpu(x, self.gamma):
             # The CPU's `vector_norm` reduces over a dimension that is not the innermost 1.4 to 28 times slower than
             # a batched dot product (2 threads: 75 → 2.7 ms at 4 channels x 6 x 256 x 256, 35 → 11 ms at 96 x 3 x
             # 180 x 320); both sum the squares in float32.
@@ -544,8 +546,8 @@ class LeanWanCausalConv3d(WanCausalConv3d):
     def convolve_padded(self, x: Tensor) -> Tensor:
         """The convolution of an input already padded in time (its `_padding[4]` frames in front)."""
         pad_w, _, pad_h = self._padding[:3]
-        if x.dtype == self.weight.dtype == torch.float32 and runs_on_the_cpu(x) and torch.backends.mkldnn.enabled \
-                and torch.backends.mkldnn.is_available():
+        if x.dtype == self.weight.dtype == torch.float32 and runs_on_the_cpu(x, self.weight) \
+                and torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available():
             # PyTorch sends a batch of one 3-D input whose channels x frames x rows are under 20,480 to its
             # unblocked `slow_conv3d`, as the tiny Wan VAE's are below about 850 output rows: oneDNN's kernel, which
             # it picks for the full-size VAE, is 3 to 11 times faster there (2 threads: 75 → 6.6 ms at 4 channels x
