@@ -781,8 +781,10 @@ class PSSRNet(nn.Module):
         return islands
 
     def _apply(self, fn: Any, recurse: bool = True) -> PSSRNet:
-        # What the conversion does to a float32 tensor tells whether it casts to a half dtype.
-        probe = fn(torch.zeros((), dtype=torch.float32))
+        # What the conversion does to a float32 tensor where the net is tells whether it casts to a half dtype, and
+        # where the float32 islands go (a probe made elsewhere would send a `meta` net's islands off it).
+        where = next((p.device for p in self.parameters()), None)
+        probe = fn(torch.zeros((), dtype=torch.float32, device=where))
         if probe.dtype not in (torch.float16, torch.bfloat16):
             return super()._apply(fn, recurse)
         islands = [(owner, attr, tensor.detach()) for owner, attr, tensor in self._float32_islands()]

@@ -75,6 +75,20 @@ SAMPLER_BYTES_PER_PIXEL = {
     (4, 4, 4): (301_724, 1_376),
     (2, 2, 2): (150_874, 794),
 }
+# The same for the tiny network (`PSSRConfig.tiny()`, the tests' and smoke runs'), whose 4-channel VAE no longer
+# holds the peak: per pixel it is 4.8x higher at 33 frames than at 5 (bytes at LR 64x64 with chunks of 1, 5, 9, 17,
+# 33 frames, untiled: 8.61e6, 35.77e6, 45.20e6, 68.62e6, 133.08e6 by default; 16.30e6, 47.14e6, 59.24e6, 72.97e6,
+# 133.60e6 in float32), and linear in the pixels (2x at 64x128, 4x at 128x128). The line through the 5- and 33-frame
+# counts (rounded up) is at or above every count from 1 to 33 frames, with each VAE setting. With the frame terms,
+# `estimate_memory` is 1.00 to 2.72 times each of 32 counts (chunks of 1 to 33 frames, LR 32x48 to 128x192, tiles
+# of 64, clips of two chunks; 2.72 at one-frame chunks). Any other size is costed with the full network's
+# coefficients, which bound smaller ones from above.
+TINY_SAMPLER_BYTES_PER_PIXEL = {
+    (2, 4, 2): (4_490, 849),
+    (2, 4, 4): (7_729, 751),
+    (4, 4, 4): (7_739, 754),
+    (2, 2, 2): (1_921, 927),
+}
 TILE_BYTES_PER_PIXEL_FRAME = 256
 STREAM_BYTES_PER_PIXEL_FRAME = 384
 
@@ -189,15 +203,19 @@ class PSSRUpscaler(VideoUpscaler):
     def estimate_memory(self, height: int, width: int) -> int | None:
         """Peak bytes beyond the weights of a clip of `height x width` LR frames with the current options.
 
-        From `zoo bench`'s fake-tensor estimates (`SAMPLER_BYTES_PER_PIXEL`, `TILE_BYTES_PER_PIXEL_FRAME`,
-        `STREAM_BYTES_PER_PIXEL_FRAME`), at the padded size the networks run at.
+        From `zoo bench`'s fake-tensor estimates (`SAMPLER_BYTES_PER_PIXEL`, or `TINY_SAMPLER_BYTES_PER_PIXEL` for the
+        tiny network; `TILE_BYTES_PER_PIXEL_FRAME`, `STREAM_BYTES_PER_PIXEL_FRAME`), at the padded size the networks
+        run at.
         """
         multiple = self.net.size_multiple
         height, width = (-(-side // multiple) * multiple for side in (height, width))
         run_h, run_w = (height, width) if self.tile is None else (min(self.tile, height), min(self.tile, width))
         # A dtype wider than float32 is costed as float32 (never used for inference; not measured).
         dtypes = (self.dtype, self.net.vae_encoder_dtype, self.net.vae_decoder_dtype)
-        fixed, per_frame = SAMPLER_BYTES_PER_PIXEL[tuple(min(torch.finfo(dtype).bits // 8, 4) for dtype in dtypes)]
+        tiny = PSSRConfig.tiny()
+        sizes = (self.net.config.transformer, self.net.config.vae)
+        table = TINY_SAMPLER_BYTES_PER_PIXEL if sizes == (tiny.transformer, tiny.vae) else SAMPLER_BYTES_PER_PIXEL
+        fixed, per_frame = table[tuple(min(torch.finfo(dtype).bits // 8, 4) for dtype in dtypes)]
         frame_level = STREAM_BYTES_PER_PIXEL_FRAME + (0 if self.tile is None else TILE_BYTES_PER_PIXEL_FRAME)
         return int(run_h * run_w * (fixed + per_frame * self.chunk) + height * width * self.chunk * frame_level)
 
