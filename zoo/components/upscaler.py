@@ -428,7 +428,7 @@ class VideoUpscaler(nn.Module):
         device = device or next((p.device for p in self.parameters()), None)
         if device is None or device.type == "meta":
             return
-        channels_last = getattr(self, "channels_last", None) if "channels_last" in self.options else None
+        channels_last = getattr(self, "channels_last", None)  # the option, where the pipeline has it
         if channels_last is None:
             compiling = "compile" in self.options and compile_settings(self.compile) is not None
             channels_last = compiling or device.type == "cuda"

@@ -76,8 +76,8 @@ SAMPLER_BYTES_PER_PIXEL = {
     (2, 2, 2): (150_874, 794),
 }
 # The same for the tiny network (`PSSRConfig.tiny()`, the tests' and smoke runs'), whose 4-channel VAE no longer
-# holds the peak: per pixel it is 4.8x higher at 33 frames than at 5 (bytes at LR 64x64 with chunks of 1, 5, 9, 17,
-# 33 frames, untiled: 8.61e6, 35.77e6, 45.20e6, 68.62e6, 133.08e6 by default; 16.30e6, 47.14e6, 59.24e6, 72.97e6,
+# holds the peak, which grows with the chunk's frames instead (bytes at LR 64x64 with chunks of 1, 5, 9, 17, 33
+# frames, untiled: 8.61e6, 35.77e6, 45.20e6, 68.62e6, 133.08e6 by default; 16.30e6, 47.14e6, 59.24e6, 72.97e6,
 # 133.60e6 in float32), and linear in the pixels (2x at 64x128, 4x at 128x128). The line through the 5- and 33-frame
 # counts (rounded up) is at or above every count from 1 to 33 frames, with each VAE setting. With the frame terms,
 # `estimate_memory` is 1.00 to 2.72 times each of 32 counts (chunks of 1 to 33 frames, LR 32x48 to 128x192, tiles
