@@ -234,23 +234,23 @@ HOST_SYNC_OPS = frozenset({
 })
 
 
-# Operators without a view annotation that still launch no kernel: `_unsafe_view` is the reshape of a fresh
-# tensor (metadata only, left untracked as an alias on purpose), and the `empty` family only takes memory
-# from the caching allocator.
+# Operators without a view annotation that still launch no kernel, in every overload (torch 2.11 has an
+# `empty.names` too): `_unsafe_view` is the reshape of a fresh tensor (metadata only, left untracked as an alias on
+# purpose), and the `empty` family only takes memory from the caching allocator.
 NO_KERNEL_OPS = frozenset({
-    torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.empty.memory_format,
-    torch.ops.aten.empty_strided.default,
-    torch.ops.aten.empty_like.default,
-    torch.ops.aten.new_empty.default,
-    torch.ops.aten.new_empty_strided.default,
+    torch.ops.aten._unsafe_view,
+    torch.ops.aten.empty,
+    torch.ops.aten.empty_strided,
+    torch.ops.aten.empty_like,
+    torch.ops.aten.new_empty,
+    torch.ops.aten.new_empty_strided,
 })
 
 
 def launches_no_kernel(func: torch._ops.OpOverload) -> bool:
     """Whether `func` launches no kernel: a view (returns an alias of an input without writing it), an
-    untracked reshape or an allocation (`NO_KERNEL_OPS`)."""
-    if func in NO_KERNEL_OPS:
+    untracked reshape or an allocation (an overload of `NO_KERNEL_OPS`)."""
+    if func.overloadpacket in NO_KERNEL_OPS:
         return True
     return any(ret.alias_info is not None and not ret.alias_info.is_write for ret in func._schema.returns)
 
