@@ -346,3 +346,52 @@ def test_convolutional_networks_go_channels_last_on_cuda_and_when_compiled(name:
                                          r"True or False, got 'yes'"):
         up.configure(channels_last="yes")
     assert _layouts(up) == {"channels_last"}  # as it was
+
+
+def misaligned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s values in memory 8 bytes past a 64-byte boundary, as safetensors maps a file's weights."""
+    buffer = torch.empty(tensor.numel() + 2, dtype=tensor.dtype)
+    view = buffer[2:].view(tensor.shape)
+    view.copy_(tensor)
+    assert view.data_ptr() % upscaler_module.CPU_ALIGNMENT == 8
+    return view
+
+
+def test_own_storage_copies_misaligned_weights_only():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 64)
+    layer.register_buffer("scale", torch.rand(3))
+    expected = {name: value.clone() for name, value in layer.state_dict().items()}
+    layer.weight.data = misaligned_copy(layer.weight.data)
+    layer.scale = misaligned_copy(layer.scale)
+    weight, bias_memory = layer.weight, layer.bias.data_ptr()
+    assert upscaler_module.own_storage(layer) is layer
+    assert layer.weight is weight  # the same Parameter, in new memory
+    assert layer.bias.data_ptr() == bias_memory  # aligned already: not copied
+    for name, value in layer.state_dict().items():
+        assert value.data_ptr() % upscaler_module.CPU_ALIGNMENT == 0, name
+        assert torch.equal(value, expected[name]), name
+
+
+def test_weights_loaded_from_safetensors_are_aligned_and_give_the_saved_outputs(tmp_path):
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 8))
+    save_file(layer.state_dict(), tmp_path / "layer.safetensors")
+    with torch.device("meta"):
+        loaded = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 8))
+    upscaler_module.load_strict(loaded, tmp_path / "layer.safetensors", assign=True)
+    vae = AutoencoderTiny(encoder_block_out_channels=(4, 4), decoder_block_out_channels=(4, 4),
+                          num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    vae.save_pretrained(tmp_path / "vae")
+    vae_loaded = upscaler_module.from_pretrained_strict(AutoencoderTiny, tmp_path, "vae")
+    for module in (loaded, vae_loaded):
+        for name, value in module.state_dict().items():
+            assert value.data_ptr() % upscaler_module.CPU_ALIGNMENT == 0, name
+    row = torch.randn(1, 16)
+    assert torch.equal(loaded(row), layer(row))
+    image = torch.rand(1, 3, 16, 16)
+    assert torch.equal(vae_loaded.eval().decode(vae_loaded.encode(image).latents).sample,
+                       vae.eval().decode(vae.encode(image).latents).sample)

@@ -6,7 +6,7 @@ LR frames, noise, flows and a prompt embedding, and what the official code (jami
 the TPM features and the decoder output of every frame (`official_parity/make_fixture.py` says how
 it was made). Here the zoo loads that folder through `StreamDiffVSRUpscaler.from_pretrained`, is
 given the same noise and flows, streams the frames through a `StreamSession`, and must match every
-recorded tensor within 1e-5 (float32 on CPU), at LR 4x12 (not multiples of 8: the UNet sees odd
+recorded tensor within 1e-4 (float32 on CPU, `TOLERANCE` says why), at LR 4x12 (not multiples of 8: the UNet sees odd
 sizes) and 8x16.
 """
 
@@ -25,7 +25,11 @@ from zoo.components.flow import warp
 from zoo.components.memo import StepMemo
 from zoo.stream_diffvsr.pipeline import StreamDiffVSRUpscaler
 
-TOLERANCE = 1e-5
+# Float32 on the CPU is not reproducible to the last bits across memory layouts: the same weights 4, 8 or 12 bytes
+# past a 64-byte boundary (where safetensors may map them) move the zoo's own outputs on this fixture by up to
+# 5.2e-5 (ControlNet residuals of the second 4x12 frame; 3.9e-5 in its decoder output), as the CPU GEMM kernels
+# peel and sum in another order. The official run's layout can't be reproduced, so the bound is twice that spread.
+TOLERANCE = 1e-4
 _spec = importlib.util.spec_from_file_location(
     "stream_diffvsr_official_fixture", Path(__file__).parent / "official_parity" / "make_fixture.py")
 official = importlib.util.module_from_spec(_spec)

@@ -632,6 +632,10 @@ class VideoUpscaler(nn.Module):
         return model
 
 
+CPU_ALIGNMENT = 64
+"""Bytes PyTorch's CPU allocator aligns its storages to (`c10::gAlignment`), and so the weights it makes."""
+
+
 def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A state dict as detached, contiguous CPU tensors, as safetensors writes them."""
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
@@ -669,13 +673,37 @@ def read_weight_files(folder: Path, names: Iterable[str]) -> dict[str, Tensor]:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of the safetensors file `path`; a missing or unreadable file is one clear error."""
+    """The tensors of the safetensors file `path`, each 64-byte aligned (`own_storage` says why); a missing or
+    unreadable file is one clear error."""
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent} is not a complete weights folder: {path.name} is missing")
     try:
-        return load_file(path)
+        state = load_file(path)
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    return {key: aligned(value) for key, value in state.items()}
+
+
+def own_storage(module: nn.Module) -> nn.Module:
+    """Copy each CPU parameter and buffer of `module` that is not 64-byte aligned into memory that is; returns it.
+
+    safetensors (0.8 on) reads a file's tensors straight from a mapping of the file, at offsets aligned to
+    their element size only, and diffusers' `from_pretrained` (and `load_state_dict(assign=True)`) keeps them
+    as the weights. On the CPU a weight that is not 64-byte aligned takes another GEMM path with other rounding
+    (a 64x16 `nn.Linear` on one row: 1.2e-7 apart), so the same weights gave different outputs loaded than
+    built or copied. PyTorch's CPU allocator aligns to 64 bytes, so a copy gives the outputs of the module as it
+    was saved.
+    """
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor.data = aligned(tensor.data)
+    return module
+
+
+def aligned(tensor: Tensor) -> Tensor:
+    """`tensor`, or a copy of it in 64-byte aligned memory when it is a CPU tensor that is not (`own_storage`)."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
+        return tensor.clone()
+    return tensor
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: str | None = None,
@@ -687,7 +715,8 @@ def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: s
         state: a state dict, or the path of a safetensors file.
         source: what to call the weights in errors (the file's path when `state` is one).
         assign: take the tensors themselves instead of copying into the module's (`load_state_dict`'s
-            `assign`): a module built on the `meta` device gets its weights without a first allocation.
+            `assign`): a module built on the `meta` device gets its weights without a first allocation. Those
+            that view a file's mapping are then copied once (`own_storage`).
 
     Raises:
         ValueError: one sentence naming the source and the first missing, unexpected or
@@ -709,6 +738,8 @@ def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: s
         raise ValueError(f"{source or 'the weights'} do not fit {type(module).__name__}: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected and {len(mismatched)} mis-shaped weights, e.g. {example}")
     module.load_state_dict(state, strict=True, assign=assign)
+    if assign:
+        own_storage(module)
 
 
 def from_pretrained_strict(cls: type, folder: str | Path, subfolder: str, **kwargs: Any) -> Any:
@@ -743,4 +774,4 @@ def from_pretrained_strict(cls: type, folder: str | Path, subfolder: str, **kwar
         counts = ", ".join(f"{len(v)} {k.split('_')[0]}" for k, v in problems.items())
         example = next(v for v in problems.values() if v)[0]
         raise ValueError(f"{path} does not fit {cls.__name__}: {counts} weights, e.g. {example}")
-    return model
+    return own_storage(model)
