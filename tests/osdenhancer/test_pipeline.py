@@ -215,10 +215,16 @@ def test_untiled_frames_over_the_vae_s_pixel_limit_are_refused_before_any_networ
         tiny_upscaler.configure(vae_tiling=True)
 
 
+def _full_on_meta(dtype: torch.dtype = torch.float32):
+    from zoo.bench.pipeline import random_upscaler
+
+    return random_upscaler("osdenhancer", "full", "meta", dtype)  # the paper's sizes, no storage
+
+
 def test_memory_estimate_is_the_fitted_vae_and_chunk_terms_at_the_padded_output_size() -> None:
     from zoo.osdenhancer.pipeline import CHUNK_BYTES_PER_PIXEL_FRAME, TILED_VAE_BYTES, UNTILED_VAE_BYTES
 
-    up = zoo.load("osdenhancer", pretrained=False, variant="tiny", chunk=33, vae_tiling=False)
+    up = _full_on_meta().configure(chunk=33, vae_tiling=False)
     assert up.dtype == torch.float32
     pixels = 720 * 1280
     untiled = UNTILED_VAE_BYTES[0] + UNTILED_VAE_BYTES[1] * pixels + CHUNK_BYTES_PER_PIXEL_FRAME * pixels * 33
@@ -232,10 +238,29 @@ def test_memory_estimate_is_the_fitted_vae_and_chunk_terms_at_the_padded_output_
     assert up.configure(chunk=None).estimate_memory(100, 101) is None  # grows with the clip
 
 
+def test_tiny_networks_memory_estimate_has_its_own_coefficients_and_bounds_its_counted_peak() -> None:
+    import zoo.bench.pipeline as bench
+    from zoo.osdenhancer.pipeline import TINY_BYTES_PER_PIXEL
+
+    up = zoo.load("osdenhancer", pretrained=False, variant="tiny", chunk=17)
+    fixed, per_frame = TINY_BYTES_PER_PIXEL[4]
+    assert up.estimate_memory(64, 64) == 256 * 256 * (fixed + 17 * per_frame)  # 0.49 GB, not the full one's 7.5
+    assert up.configure(vae_tiling=False).estimate_memory(64, 64) == up.configure(vae_tiling=True).estimate_memory(
+        64, 64)
+    fixed, per_frame = TINY_BYTES_PER_PIXEL[2]
+    assert up.to(torch.bfloat16).estimate_memory(64, 64) == 256 * 256 * (fixed + 17 * per_frame)
+    # Counts the table is not from, one 9-frame chunk in float32: untiled at 128x128 output (1.38x), in the official
+    # tiles at 256x256 (1.46x; the tiles split frames over 240x360 pixels).
+    for tiling, lr_side in ((False, 32), (True, 64)):
+        fake, mode = bench.fake_upscaler("osdenhancer", "tiny", torch.float32, {"chunk": 9, "vae_tiling": tiling})
+        counted = bench.count_stream(fake, mode, list(bench.random_frames(5, lr_side, lr_side))).peak_bytes
+        assert counted <= fake.estimate_memory(lr_side, lr_side) < 1.6 * counted
+
+
 def test_default_options_run_the_vae_untiled_where_it_fits_the_memory_and_its_pixel_limit(monkeypatch) -> None:
     from zoo.components.upscaler import MEMORY_HEADROOM
 
-    up = zoo.load("osdenhancer", pretrained=False, variant="tiny", dtype=torch.bfloat16, chunk=33)
+    up = _full_on_meta(torch.bfloat16).configure(chunk=33)
     untiled = up.configure(vae_tiling=False).estimate_memory(180, 320)
     up.configure(vae_tiling=True)
     enough = int(untiled / MEMORY_HEADROOM) + 1

@@ -77,6 +77,17 @@ SIZE_MULTIPLE = 16
 CHUNK_BYTES_PER_PIXEL_FRAME = 67
 UNTILED_VAE_BYTES = (0.37e9, 50_680)
 TILED_VAE_BYTES = 4.11 * 2**30
+# The tiny network (`OSDEnhancerConfig.tiny()`, the tests' and smoke runs'): bytes per output pixel, fixed and per
+# chunk frame, by bytes per element of the upscaler's dtype, counted the same way. Its 8-channel VAE does not hold
+# the peak as the full one does, so the full network's coefficients put a 256x256 output chunk at 7.7 GB in float32
+# against 0.52 GB counted. Untiled, float32: 130.8e6 bytes at 128x128 output and 523.2e6 at 256x256 (33 frames),
+# 472.6e6 at 256x256 and 443.1e6 at 192x320 (17), 184.9e6 at 128x192 in two 17-frame chunks (the previous chunk's
+# frames on top); bfloat16 (float32 islands keep it above half): 340.8e6 and 277.7e6 at 256x256 (33, 17 frames),
+# 260.4e6 at 192x320 (17), 111.8e6 at 128x192 in two 17-frame chunks. The values are the fit through one chunk's
+# frames, with the frame term raised to cover the two-chunk clips: 1.00 to 1.08x each float32 count, 1.00 to 1.12x
+# each bfloat16 one. The official tiles held less at every size counted (0.49 to 1.00x the untiled peak: 497.0e6
+# at 256x256, 1021.0e6 at 512x512, 33 frames, float32), so the untiled figure bounds them too (up to 2.2x).
+TINY_BYTES_PER_PIXEL = {4: (6_392, 67), 2: (3_218, 79)}
 OVERLAP_MODES = ("blend", "drop")
 
 
@@ -154,12 +165,17 @@ class OSDEnhancerUpscaler(VideoUpscaler):
         """Peak bytes beyond the weights of one chunk on `height x width` LR frames with the current options.
 
         From `zoo bench`'s fake-tensor estimates (`UNTILED_VAE_BYTES`, `TILED_VAE_BYTES`,
-        `CHUNK_BYTES_PER_PIXEL_FRAME`); None with `chunk=None`, whose memory grows with the clip.
+        `CHUNK_BYTES_PER_PIXEL_FRAME`, or `TINY_BYTES_PER_PIXEL` for the tiny network); None with `chunk=None`,
+        whose memory grows with the clip.
         """
         if self.chunk is None:
             return None
         out_h, out_w = self.padded_output_size(height, width)
         pixels = out_h * out_w
+        tiny = OSDEnhancerConfig.tiny()
+        if (self.net.config.transformer, self.net.config.vae) == (tiny.transformer, tiny.vae):
+            fixed, per_frame = TINY_BYTES_PER_PIXEL[4 if torch.finfo(self.dtype).bits >= 32 else 2]
+            return pixels * (fixed + per_frame * self.chunk)
         vae = TILED_VAE_BYTES if self.vae_tiling else UNTILED_VAE_BYTES[0] + UNTILED_VAE_BYTES[1] * pixels
         bf16_bytes = vae + CHUNK_BYTES_PER_PIXEL_FRAME * pixels * self.chunk
         return int(bf16_bytes * (torch.finfo(self.dtype).bits // 8) / 2)
