@@ -716,7 +716,7 @@ def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: s
         source: what to call the weights in errors (the file's path when `state` is one).
         assign: take the tensors themselves instead of copying into the module's (`load_state_dict`'s
             `assign`): a module built on the `meta` device gets its weights without a first allocation. Those
-            that view a file's mapping are then copied once (`own_storage`).
+            that are not 64-byte aligned (mapped from a file) are then copied once (`own_storage`).
 
     Raises:
         ValueError: one sentence naming the source and the first missing, unexpected or
