@@ -12,12 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXResnetBlock3D
 
 from zoo.osdenhancer.network import (
     COGVIDEOX15_TRANSFORMER,
     COGVIDEOX15_VAE,
     DeformableRecurrentBlock,
     GatedLoRA,
+    LeanCogVideoXResnetBlock3D,
     ModulatedDeformConv,
     OSDEnhancerConfig,
     OSDEnhancerNet,
@@ -259,6 +261,91 @@ def test_decoder_with_zero_project_out_is_the_stock_cogvideox_decoder() -> None:
         assert torch.equal(ours.decode(z).sample, expected)
         ours.decoder.up_deformable_blocks[2].attn.project_out.weight.fill_(0.01)
         assert not torch.equal(ours.decode(z).sample, expected)
+
+
+class _LeanCalls:
+    """Counts the lean blocks' activations written into their convolutions' inputs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import zoo.osdenhancer.network as network
+
+        self.calls, plain = 0, network._activate_and_convolve
+
+        def counted(*args):
+            self.calls += 1
+            return plain(*args)
+
+        monkeypatch.setattr(network, "_activate_and_convolve", counted)
+
+
+def _vae_outputs(vae: OSDEnhancerVAE, video: torch.Tensor, lean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    for module in vae.modules():
+        if isinstance(module, CogVideoXResnetBlock3D):
+            module.__class__ = LeanCogVideoXResnetBlock3D if lean else CogVideoXResnetBlock3D
+    with torch.no_grad():
+        latents = vae.encode(video).latent_dist.mean
+        return latents, vae.decode(latents).sample
+
+
+def test_lean_residual_blocks_compute_diffusers_values_and_caches(monkeypatch) -> None:
+    import zoo.osdenhancer.network as network
+
+    torch.manual_seed(0)
+    vae = randomise_(OSDEnhancerVAE(**OSDEnhancerConfig.tiny().vae), 2).eval()
+    assert all(type(m) is LeanCogVideoXResnetBlock3D for m in vae.modules() if isinstance(m, CogVideoXResnetBlock3D))
+    spy = _LeanCalls(monkeypatch)
+    monkeypatch.setattr(network, "runs_on_the_cpu", lambda *tensors: False)  # the path a GPU and the count take
+    generator = torch.Generator().manual_seed(4)
+    # 17 frames: the encoder's first frame, then batches of 8, and the decoder's latents in batches of 2 with their
+    # caches carried across. At 32 x 32 every level's frames x pixels are multiples of 16, where the CPU's
+    # vectorised SiLU writes a strided view as it does a contiguous tensor: the same values to the bit.
+    video = torch.rand(1, 3, 17, 32, 32, generator=generator) * 2 - 1
+    expected = _vae_outputs(vae, video, lean=False)
+    assert spy.calls == 0
+    lean = _vae_outputs(vae, video, lean=True)
+    assert spy.calls > 0 and all(torch.equal(a, b) for a, b in zip(lean, expected))
+    # Elsewhere (3 x 5 latent pixels) the SiLU's scalar tails round otherwise: float32 rounding apart, not more.
+    video = torch.rand(1, 3, 9, 24, 40, generator=generator) * 2 - 1
+    expected = _vae_outputs(vae, video, lean=False)
+    lean = _vae_outputs(vae, video, lean=True)
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(lean, expected))
+    assert (expected[1] - _vae_outputs(vae, video[:, :, [1, 0, *range(2, 9)]], lean=True)[1]).abs().max() > 1e-3
+
+
+def test_lean_residual_blocks_keep_diffusers_forward_on_the_cpu_and_with_gradients(monkeypatch) -> None:
+    import zoo.osdenhancer.network as network
+
+    torch.manual_seed(0)
+    vae = randomise_(OSDEnhancerVAE(**OSDEnhancerConfig.tiny().vae), 2).eval()
+    spy = _LeanCalls(monkeypatch)
+    video = torch.rand(1, 3, 9, 24, 40, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    expected = _vae_outputs(vae, video, lean=False)
+    # Real CPU tensors: diffusers' forward, to the bit where the lean SiLU rounds otherwise (see above).
+    assert all(torch.equal(a, b) for a, b in zip(_vae_outputs(vae, video, lean=True), expected))
+    assert spy.calls == 0
+    monkeypatch.setattr(network, "runs_on_the_cpu", lambda *tensors: False)
+    block = next(m for m in vae.encoder.modules() if isinstance(m, LeanCogVideoXResnetBlock3D))
+    x = torch.randn(1, block.in_channels, 3, 4, 4, requires_grad=True)
+    out, cache = block(x)
+    out.sum().backward()  # autograd records: diffusers' forward, whose concatenation has a gradient
+    assert spy.calls == 0 and x.grad is not None and cache["conv1"].shape[2] == 2
+    with torch.no_grad():
+        block(x)
+    assert spy.calls == 2
+
+
+def test_the_count_sees_the_lean_residual_blocks_moving_fewer_bytes() -> None:
+    import zoo.bench.pipeline as bench
+
+    moved = {}
+    for lean in (True, False):
+        upscaler, mode = bench.fake_upscaler("osdenhancer", "tiny", torch.bfloat16, {"vae_tiling": False})
+        for module in upscaler.net.vae.modules():
+            if isinstance(module, CogVideoXResnetBlock3D):
+                module.__class__ = LeanCogVideoXResnetBlock3D if lean else CogVideoXResnetBlock3D
+        count = bench.count_stream(upscaler, mode, list(bench.random_frames(3, 16, 16)))
+        moved[lean] = count.bytes_moved
+    assert moved[True] < 0.97 * moved[False]
 
 
 def test_decoder_levels_alternate_direction_and_pass_negated_offsets() -> None:

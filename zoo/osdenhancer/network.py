@@ -30,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXDecoder3D
+from diffusers.models.autoencoders.autoencoder_kl_cogvideox import (
+    CogVideoXCausalConv3d,
+    CogVideoXDecoder3D,
+    CogVideoXResnetBlock3D,
+)
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.utils.torch_utils import randn_tensor
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, deform_conv2d
 
 from zoo.components.lora import inject_lora, lora_config
+from zoo.components.upscaler import runs_on_the_cpu
 
 SE_ADAPTER = "TE_lora"
 """peft adapter name of the SE expert in the official checkpoint ("texture enrichment")."""
@@ -795,6 +800,83 @@ class BidirectionalDeformableDecoder(CogVideoXDecoder3D):
         return hidden, cache
 
 
+class LeanCogVideoXResnetBlock3D(CogVideoXResnetBlock3D):
+    """diffusers' `CogVideoXResnetBlock3D` with each activation written straight into its causal convolution's input.
+
+    diffusers' `CogVideoXCausalConv3d` concatenates the cached frames (or the first frame, twice) in front of the
+    activation `silu(norm(x))`: a copy of the whole activation before each of the block's two convolutions. Here the
+    activation is written by the SiLU into one buffer behind the cached frames, so it is never copied. The values
+    and the cache are diffusers'.
+
+    On real CPU tensors diffusers' forward runs: the CPU's vectorised and scalar SiLU loops round float32
+    differently, and the buffer's strided view ends them elsewhere wherever a channel's frames x rows x columns
+    are not a multiple of 16 (a tiny VAE decoded 1.5e-6 apart), while the official weights' CPU outputs are
+    matched to the bit (`tests/osdenhancer/test_official_parity.py`). A GPU's elementwise kernels compute each
+    value alone, so they write the same values into either layout.
+
+    Where autograd records (the decoder trains with gradients; `out=` writes record none), under `torch.compile`
+    (dynamo stops its graph at an `out=` write into a view; inductor fuses the concatenation anyway), with a time
+    embedding, a replicate-padded or one-frame kernel, an unexpected cache, or dropout in training, diffusers'
+    forward runs too. Written here because the block is diffusers' and only its forward changes (`OSDEnhancerVAE`
+    swaps the class: parameters and names stay).
+    """
+
+    def forward(self, inputs: Tensor, temb: Tensor | None = None, zq: Tensor | None = None,
+                conv_cache: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        conv_cache = conv_cache or {}
+        if not self._runs_lean(inputs, temb, conv_cache):
+            return super().forward(inputs, temb, zq, conv_cache)
+        cache: dict[str, Tensor] = {}
+        hidden = inputs
+        for norm, conv in (("norm1", "conv1"), ("norm2", "conv2")):
+            if zq is not None:
+                hidden, cache[norm] = getattr(self, norm)(hidden, zq, conv_cache=conv_cache.get(norm))
+            else:
+                hidden = getattr(self, norm)(hidden)
+            hidden, cache[conv] = _activate_and_convolve(hidden, getattr(self, conv), conv_cache.get(conv))
+        if self.in_channels != self.out_channels:
+            if self.use_conv_shortcut:
+                inputs, cache["conv_shortcut"] = self.conv_shortcut(inputs, conv_cache=conv_cache.get("conv_shortcut"))
+            else:
+                inputs = self.conv_shortcut(inputs)
+        return hidden + inputs, cache
+
+    def _runs_lean(self, inputs: Tensor, temb: Tensor | None, conv_cache: dict[str, Tensor]) -> bool:
+        if temb is not None or torch.is_grad_enabled() or torch.compiler.is_compiling() or runs_on_the_cpu(inputs):
+            return False
+        if not isinstance(self.nonlinearity, nn.SiLU) or (self.training and self.dropout.p > 0):
+            return False
+        for name in ("conv1", "conv2"):
+            conv, cached = getattr(self, name), conv_cache.get(name)
+            if conv.pad_mode == "replicate" or conv.time_kernel_size < 2:
+                return False
+            if cached is not None and cached.shape[2] != conv.time_kernel_size - 1:
+                return False
+        return True
+
+
+def _activate_and_convolve(x: Tensor, conv: CogVideoXCausalConv3d, cached: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`conv(silu(x), cached)` and its new cache, as diffusers computes them, without concatenating."""
+    pad = conv.time_kernel_size - 1
+    buffer = x.new_empty(x.shape[0], x.shape[1], pad + x.shape[2], *x.shape[3:])
+    torch.ops.aten.silu.out(x, out=buffer[:, :, pad:])
+    if cached is None:  # diffusers repeats the activation's first frame in front of it
+        buffer[:, :, :pad].copy_(buffer[:, :, pad:pad + 1].expand(-1, -1, pad, -1, -1))
+    else:
+        buffer[:, :, :pad].copy_(cached)
+    return conv.conv(buffer), buffer[:, :, -pad:].clone()
+
+
+def use_lean_resnet_blocks(vae: nn.Module) -> int:
+    """Run `vae`'s CogVideoX residual blocks as `LeanCogVideoXResnetBlock3D`; returns how many."""
+    swapped = 0
+    for module in vae.modules():
+        if type(module) is CogVideoXResnetBlock3D:
+            module.__class__ = LeanCogVideoXResnetBlock3D
+            swapped += 1
+    return swapped
+
+
 class OSDEnhancerVAE(AutoencoderKLCogVideoX):
     """CogVideoX's 3-D causal VAE with the bidirectional deformable decoder (Sec. 3.4).
 
@@ -847,6 +929,7 @@ class OSDEnhancerVAE(AutoencoderKLCogVideoX):
             block_out_channels=block_out_channels, layers_per_block=layers_per_block, act_fn=act_fn,
             norm_eps=norm_eps, norm_num_groups=norm_num_groups, temporal_compression_ratio=temporal_compression_ratio,
         )
+        use_lean_resnet_blocks(self)
 
     def untiled_pixel_limit(self, frames: int) -> int:
         """The most pixels per frame that this VAE decodes untiled in a clip of `frames` frames (`4n + 1`).

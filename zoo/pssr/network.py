@@ -33,11 +33,11 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 
 from zoo.components.color import high_pass, rgb_to_yuv
 from zoo.components.lora import inject_lora, load_base_weights, lora_config
+from zoo.components.upscaler import runs_on_the_cpu
 
 WAN_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 """The base model the paper initialises the VAE and both DiTs from (L164)."""
@@ -480,17 +480,6 @@ class DraftTransformer(nn.Module):
         out = dit.proj_out(hidden)
         out = out.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-def runs_on_the_cpu(*tensors: Tensor) -> bool:
-    """Whether an operator on `tensors` (its input and the module's weight) runs on real CPU tensors, for which the
-    lean Wan modules pick the CPU's faster kernels.
-
-    Not under `zoo bench`'s counts, which model a CUDA run (`zoo.bench.pipeline.Roofline`) with fake weights (a real
-    input may enter them), nor while `torch.compile` traces, whose inductor makes kernels of its own.
-    """
-    return (all(t.device.type == "cpu" and not isinstance(t, FakeTensor) for t in tensors)
-            and not torch.compiler.is_compiling())
 
 
 class LeanWanRMSNorm(WanRMS_norm):
