@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 from zoo.components.color import adain_color_fix, wavelet_color_fix
 
@@ -705,18 +704,6 @@ def aligned(tensor: Tensor) -> Tensor:
     if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
         return tensor.clone()
     return tensor
-
-
-def runs_on_the_cpu(*tensors: Tensor) -> bool:
-    """Whether an operator on `tensors` (say, its input and a module's weight) runs on real CPU tensors, for which
-    a module may pick another kernel or keep another path (the lean Wan and CogVideoX modules of PS-SR and
-    OSDEnhancer).
-
-    Not under `zoo bench`'s counts, which model a CUDA run (`zoo.bench.pipeline.Roofline`) with fake weights (a real
-    input may enter them), nor while `torch.compile` traces, whose inductor makes kernels of its own.
-    """
-    return (all(t.device.type == "cpu" and not isinstance(t, FakeTensor) for t in tensors)
-            and not torch.compiler.is_compiling())
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor] | Path, *, source: str | None = None,

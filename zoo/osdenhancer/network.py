@@ -41,8 +41,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, deform_conv2d
 
+from zoo.components.lean import runs_on_the_cpu, swap_classes
 from zoo.components.lora import inject_lora, lora_config
-from zoo.components.upscaler import runs_on_the_cpu
 
 SE_ADAPTER = "TE_lora"
 """peft adapter name of the SE expert in the official checkpoint ("texture enrichment")."""
@@ -869,12 +869,7 @@ def _activate_and_convolve(x: Tensor, conv: CogVideoXCausalConv3d, cached: Tenso
 
 def use_lean_resnet_blocks(vae: nn.Module) -> int:
     """Run `vae`'s CogVideoX residual blocks as `LeanCogVideoXResnetBlock3D`; returns how many."""
-    swapped = 0
-    for module in vae.modules():
-        if type(module) is CogVideoXResnetBlock3D:
-            module.__class__ = LeanCogVideoXResnetBlock3D
-            swapped += 1
-    return swapped
+    return swap_classes(vae, {CogVideoXResnetBlock3D: LeanCogVideoXResnetBlock3D})
 
 
 class OSDEnhancerVAE(AutoencoderKLCogVideoX):

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.components.color import high_pass, rgb_to_yuv
+from zoo.components.lean import runs_on_the_cpu, swap_classes
 from zoo.components.lora import inject_lora, load_base_weights, lora_config
-from zoo.components.upscaler import runs_on_the_cpu
 
 WAN_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 """The base model the paper initialises the VAE and both DiTs from (L164)."""
@@ -636,18 +636,9 @@ LEAN_WAN_MODULES = {
 
 
 def use_lean_wan_modules(vae: AutoencoderKLWan) -> int:
-    """Run `vae`'s RMS norms, causal convolutions and residual blocks as their lean classes; returns how many.
-
-    The modules keep their parameters and names (the published weights load as before); only the class, and so
-    the forward, changes.
-    """
-    swapped = 0
-    for module in vae.modules():
-        lean = LEAN_WAN_MODULES.get(type(module))
-        if lean is not None:
-            module.__class__ = lean
-            swapped += 1
-    return swapped
+    """Run `vae`'s RMS norms, causal convolutions, residual blocks and upsamplers as their lean classes; returns how
+    many (`zoo.components.lean.swap_classes`: parameters and names stay, only the forward changes)."""
+    return swap_classes(vae, LEAN_WAN_MODULES)
 
 
 def _keep_output(store: dict[int, Tensor], index: int, module: nn.Module, args: Any, output: Tensor) -> None:
