@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXResnetBlock3D
 
+from zoo.components.lean import swap_classes
 from zoo.osdenhancer.network import (
     COGVIDEOX15_TRANSFORMER,
     COGVIDEOX15_VAE,
@@ -278,10 +279,13 @@ class _LeanCalls:
         monkeypatch.setattr(network, "_activate_and_convolve", counted)
 
 
+def _use_lean_blocks(vae: torch.nn.Module, lean: bool) -> None:
+    plain, faster = CogVideoXResnetBlock3D, LeanCogVideoXResnetBlock3D
+    swap_classes(vae, {plain: faster} if lean else {faster: plain})
+
+
 def _vae_outputs(vae: OSDEnhancerVAE, video: torch.Tensor, lean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    for module in vae.modules():
-        if isinstance(module, CogVideoXResnetBlock3D):
-            module.__class__ = LeanCogVideoXResnetBlock3D if lean else CogVideoXResnetBlock3D
+    _use_lean_blocks(vae, lean)
     with torch.no_grad():
         latents = vae.encode(video).latent_dist.mean
         return latents, vae.decode(latents).sample
@@ -340,9 +344,7 @@ def test_the_count_sees_the_lean_residual_blocks_moving_fewer_bytes() -> None:
     moved = {}
     for lean in (True, False):
         upscaler, mode = bench.fake_upscaler("osdenhancer", "tiny", torch.bfloat16, {"vae_tiling": False})
-        for module in upscaler.net.vae.modules():
-            if isinstance(module, CogVideoXResnetBlock3D):
-                module.__class__ = LeanCogVideoXResnetBlock3D if lean else CogVideoXResnetBlock3D
+        _use_lean_blocks(upscaler.net.vae, lean)
         count = bench.count_stream(upscaler, mode, list(bench.random_frames(3, 16, 16)))
         moved[lean] = count.bytes_moved
     assert moved[True] < 0.97 * moved[False]
